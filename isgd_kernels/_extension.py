@@ -1,0 +1,70 @@
+"""Loading of the compiled extension and the availability of each backend.
+
+Importing isgd_kernels never fails because a backend is missing; asking for a missing backend
+raises an error that says how to get it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    from isgd_kernels import _C  # noqa: F401  (registers the C++/CUDA ops with the dispatcher)
+
+    EXTENSION_ERROR: Exception | None = None
+except ImportError as exc:  # built without the extension, or a torch ABI mismatch
+    _C = None
+    EXTENSION_ERROR = exc
+
+try:
+    import triton  # noqa: F401
+
+    TRITON_ERROR: Exception | None = None
+except ImportError as exc:
+    TRITON_ERROR = exc
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+_REBUILD_HINT = "rebuild with `pip install --no-build-isolation -e .` from the source tree"
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether the compiled extension registered `isgd_kernels::<op>` for `dispatch_key`."""
+    if _C is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"isgd_kernels::{op}", dispatch_key)
+
+
+def backend_available(backend: str, device: torch.device, op: str) -> bool:
+    return backend_unavailable_reason(backend, device, op) is None
+
+
+def backend_unavailable_reason(backend: str, device: torch.device, op: str) -> str | None:
+    """None if `backend` can run `op` on `device`, else a message that says how to get it."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if TRITON_ERROR is not None:
+            return f"Triton is not installed ({TRITON_ERROR}); `pip install triton` (it ships with CUDA builds of torch)"
+        if device.type != "cuda" and not triton_interpreted():
+            return (f"Triton kernels need a CUDA tensor, got one on {device}; use backend='cpu' or 'torch', "
+                    "or set TRITON_INTERPRET=1 before importing isgd_kernels to run them in the (slow) interpreter")
+        return None
+    if backend in ("cpu", "cuda"):
+        if _C is None:
+            return f"the compiled extension isgd_kernels._C failed to load ({EXTENSION_ERROR}); {_REBUILD_HINT}"
+        if device.type != backend:
+            return f"backend='{backend}' needs {backend.upper()} tensors, got tensors on {device}"
+        key = "CPU" if backend == "cpu" else "CUDA"
+        if not has_kernel(op, key):
+            if backend == "cuda":
+                return (f"isgd_kernels._C was built without a CUDA kernel for {op}; build it where torch has CUDA "
+                        f"and nvcc is on PATH (or CUDA_HOME is set): {_REBUILD_HINT}")
+            return f"isgd_kernels._C has no CPU kernel for {op}; {_REBUILD_HINT}"
+        return None
+    return f"unknown backend '{backend}'; choose one of {('auto',) + BACKENDS}"

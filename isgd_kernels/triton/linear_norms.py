@@ -1,0 +1,216 @@
+"""Triton kernels for the per-example gradient norms of a Linear layer.
+
+Shape contract for every launcher: x (B, T, d_in), grad_out (B, T, d_out), any strides;
+returns (B,) float32 (float64 for float64 inputs).
+
+* outer (T = 1):  ||g_i||^2 = ||a_i||^2 ||delta_i||^2 -- one fused read of x and grad_out.
+* ghost:          ||g_i||^2 = sum_{t,s} (a_t . a_s)(delta_t . delta_s). A program owns a row tile of
+                  the T x T Gram matrices and sweeps the column tiles s >= t (symmetry: off-diagonal
+                  tiles count twice), forming both Gram tiles in registers with tl.dot. Nothing T x T
+                  reaches memory; each program writes one partial sum.
+* materialize:    ||G_i^T A_i||_F^2. A program owns a row tile of the d_out x d_in per-example
+                  gradient, builds each (d_out tile, d_in tile) in registers, squares and sums it.
+
+Partial sums (B x #tiles, at most B*T/16 floats) are reduced by torch: deterministic, unlike atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 Gram entries feed a sum of products that can cancel; plain tf32 (~1e-3 relative error)
+    # is too coarse for DP-style clipping, three-pass tf32 is near-fp32 accurate on tensor cores.
+    # (Ignored for fp16/bf16/fp64 operands and by the interpreter.)
+    return "tf32x3" if dtype == torch.float32 else "ieee"
+
+
+@triton.jit
+def _linear_sq_norms_outer_kernel(
+    x_ptr, g_ptr, out_ptr, B, D, P,
+    stride_xb, stride_xd, stride_gb, stride_gp,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=ACC_DTYPE)
+    for k0 in range(0, D, BLOCK_K):
+        mask = row_mask[:, None] & (k0 + cols[None, :] < D)
+        v = tl.load(x_ptr + rows64[:, None] * stride_xb + (k0 + cols[None, :]) * stride_xd, mask=mask, other=0.0)
+        v = v.to(ACC_DTYPE)
+        acc += v * v
+    sq_a = tl.sum(acc, axis=1)
+
+    acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=ACC_DTYPE)
+    for k0 in range(0, P, BLOCK_K):
+        mask = row_mask[:, None] & (k0 + cols[None, :] < P)
+        v = tl.load(g_ptr + rows64[:, None] * stride_gb + (k0 + cols[None, :]) * stride_gp, mask=mask, other=0.0)
+        v = v.to(ACC_DTYPE)
+        acc += v * v
+    sq_g = tl.sum(acc, axis=1)
+
+    result = sq_a * sq_g
+    if HAS_BIAS:
+        result += sq_g
+    tl.store(out_ptr + rows, result, mask=row_mask)
+
+
+@triton.jit
+def _gram_tile(base_ptr, offs_t, offs_s, T, K, stride_t, stride_k,
+               ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_T, BLOCK_T) tile of M M^T for M = base (T, K): rows offs_t, columns offs_s."""
+    ks = tl.arange(0, BLOCK_K)
+    gram = tl.zeros([BLOCK_T, BLOCK_T], dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = k0 + ks < K
+        rows = tl.load(base_ptr + offs_t[:, None] * stride_t + (k0 + ks[None, :]) * stride_k,
+                       mask=(offs_t[:, None] < T) & k_mask[None, :], other=0.0)
+        cols = tl.load(base_ptr + (k0 + ks[:, None]) * stride_k + offs_s[None, :] * stride_t,
+                       mask=k_mask[:, None] & (offs_s[None, :] < T), other=0.0)
+        gram = tl.dot(rows, cols, acc=gram, input_precision=DOT_PRECISION)
+    return gram
+
+
+@triton.jit
+def _linear_sq_norms_ghost_kernel(
+    x_ptr, g_ptr, partial_ptr, T, D, P,
+    stride_xb, stride_xt, stride_xd, stride_gb, stride_gt, stride_gp, NUM_T_TILES,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    t_tile = tl.program_id(1)
+    x_b = x_ptr + b * stride_xb
+    g_b = g_ptr + b * stride_gb
+    offs_t = t_tile * BLOCK_T + tl.arange(0, BLOCK_T)
+
+    total = tl.zeros([BLOCK_T], dtype=ACC_DTYPE)
+    for s_tile in range(t_tile, NUM_T_TILES):
+        offs_s = s_tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        gram_a = _gram_tile(x_b, offs_t, offs_s, T, D, stride_xt, stride_xd, ACC_DTYPE, DOT_PRECISION, BLOCK_T, BLOCK_K)
+        gram_g = _gram_tile(g_b, offs_t, offs_s, T, P, stride_gt, stride_gp, ACC_DTYPE, DOT_PRECISION, BLOCK_T, BLOCK_K)
+        contrib = gram_a * gram_g
+        if HAS_BIAS:
+            contrib += gram_g  # ||sum_t delta_t||^2 = sum_{t,s} delta_t . delta_s
+        weight = tl.where(s_tile == t_tile, 1.0, 2.0).to(ACC_DTYPE)
+        total += weight * tl.sum(contrib, axis=1)
+    tl.store(partial_ptr + b * NUM_T_TILES + t_tile, tl.sum(total))
+
+
+@triton.jit
+def _linear_sq_norms_materialize_kernel(
+    x_ptr, g_ptr, partial_ptr, T, D, P,
+    stride_xb, stride_xt, stride_xd, stride_gb, stride_gt, stride_gp, NUM_P_TILES,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    p_tile = tl.program_id(1)
+    x_b = x_ptr + b * stride_xb
+    g_b = g_ptr + b * stride_gb
+    offs_p = p_tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < P
+    ts = tl.arange(0, BLOCK_T)
+    ds = tl.arange(0, BLOCK_D)
+
+    total = tl.zeros([BLOCK_P], dtype=ACC_DTYPE)
+    for d0 in range(0, D, BLOCK_D):
+        d_mask = d0 + ds < D
+        grad_tile = tl.zeros([BLOCK_P, BLOCK_D], dtype=ACC_DTYPE)  # rows of G_i^T A_i
+        for t0 in range(0, T, BLOCK_T):
+            t_mask = t0 + ts < T
+            g_t = tl.load(g_b + offs_p[:, None] * stride_gp + (t0 + ts[None, :]) * stride_gt,
+                          mask=p_mask[:, None] & t_mask[None, :], other=0.0)
+            a = tl.load(x_b + (t0 + ts[:, None]) * stride_xt + (d0 + ds[None, :]) * stride_xd,
+                        mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+            grad_tile = tl.dot(g_t, a, acc=grad_tile, input_precision=DOT_PRECISION)
+        total += tl.sum(grad_tile * grad_tile, axis=1)
+    result = tl.sum(total)
+
+    if HAS_BIAS:
+        bias_grad = tl.zeros([BLOCK_P], dtype=ACC_DTYPE)
+        for t0 in range(0, T, BLOCK_T):
+            t_mask = t0 + ts < T
+            g_t = tl.load(g_b + offs_p[:, None] * stride_gp + (t0 + ts[None, :]) * stride_gt,
+                          mask=p_mask[:, None] & t_mask[None, :], other=0.0)
+            bias_grad += tl.sum(g_t.to(ACC_DTYPE), axis=1)
+        result += tl.sum(bias_grad * bias_grad)
+    tl.store(partial_ptr + b * NUM_P_TILES + p_tile, result)
+
+
+def _tile(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def linear_sq_norms_outer_triton(x: torch.Tensor, grad_out: torch.Tensor, bias: bool) -> torch.Tensor:
+    """T = 1 path. x (B, 1, d_in), grad_out (B, 1, d_out) -> (B,)."""
+    B, _, D = x.shape
+    P = grad_out.shape[2]
+    out = torch.empty(B, device=x.device, dtype=_acc_dtype(x.dtype))
+    if B == 0:
+        return out
+    # Bandwidth-bound: ~4K elements per loop step per program keeps loads wide without spilling.
+    block_k = _tile(max(D, P), 16, 1024)
+    block_b = max(1, min(64, 4096 // block_k))
+    grid = (triton.cdiv(B, block_b),)
+    _linear_sq_norms_outer_kernel[grid](
+        x, grad_out, out, B, D, P,
+        x.stride(0), x.stride(2), grad_out.stride(0), grad_out.stride(2),
+        HAS_BIAS=bias, ACC_DTYPE=_tl_acc_dtype(x.dtype), BLOCK_B=block_b, BLOCK_K=block_k,
+    )
+    return out
+
+
+def linear_sq_norms_ghost_triton(x: torch.Tensor, grad_out: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Ghost-norm path. x (B, T, d_in), grad_out (B, T, d_out) -> (B,)."""
+    B, T, D = x.shape
+    P = grad_out.shape[2]
+    acc = _acc_dtype(x.dtype)
+    if B == 0:
+        return torch.empty(0, device=x.device, dtype=acc)
+    block_t = _tile(T, 16, 64)
+    block_k = _tile(max(D, P), 16, 64 if x.element_size() <= 4 else 32)
+    num_t_tiles = triton.cdiv(T, block_t)
+    partial = torch.empty(B, num_t_tiles, device=x.device, dtype=acc)
+    _linear_sq_norms_ghost_kernel[(B, num_t_tiles)](
+        x, grad_out, partial, T, D, P,
+        *x.stride(), *grad_out.stride(), num_t_tiles,
+        HAS_BIAS=bias, ACC_DTYPE=_tl_acc_dtype(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_T=block_t, BLOCK_K=block_k, num_warps=8 if block_t >= 64 else 4,
+    )
+    return partial.sum(1)
+
+
+def linear_sq_norms_materialize_triton(x: torch.Tensor, grad_out: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Tile-materialize path. x (B, T, d_in), grad_out (B, T, d_out) -> (B,)."""
+    B, T, D = x.shape
+    P = grad_out.shape[2]
+    acc = _acc_dtype(x.dtype)
+    if B == 0:
+        return torch.empty(0, device=x.device, dtype=acc)
+    block_p = _tile(P, 16, 64)
+    block_d = _tile(D, 16, 64)
+    block_t = _tile(T, 16, 64 if x.element_size() <= 4 else 32)
+    num_p_tiles = triton.cdiv(P, block_p)
+    partial = torch.empty(B, num_p_tiles, device=x.device, dtype=acc)
+    _linear_sq_norms_materialize_kernel[(B, num_p_tiles)](
+        x, grad_out, partial, T, D, P,
+        *x.stride(), *grad_out.stride(), num_p_tiles,
+        HAS_BIAS=bias, ACC_DTYPE=_tl_acc_dtype(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=8 if block_p * block_d >= 4096 else 4,
+    )
+    return partial.sum(1)

@@ -1,0 +1,87 @@
+"""Build isgd_kernels (+ the `issgd` trainer package under python/).
+
+One extension, ``isgd_kernels._C``:
+  * C++ CPU kernels (csrc/*.cpp, csrc/cpu/*.cpp) are always built;
+  * CUDA kernels (csrc/cuda/*.cu + their torch bindings csrc/cuda/*.cpp) are built when the
+    installed torch has CUDA and nvcc is found. Set ISGD_FORCE_CPU=1 to skip them.
+
+Target architectures come from ISGD_CUDA_ARCHS (default "80;90", i.e. A100 and H100/H200),
+e.g. ISGD_CUDA_ARCHS="80;86;90" or "90a". Torch is needed at build time: install it first and
+build with ``pip install --no-build-isolation``.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    raise SystemExit(
+        "isgd_kernels needs PyTorch at build time. Install torch first (e.g. `pip install torch`), "
+        "then build with `pip install --no-build-isolation .`"
+    ) from exc
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(*patterns):
+    found = []
+    for pattern in patterns:
+        found += sorted(glob.glob(os.path.join("csrc", pattern)))
+    return found
+
+
+def _gencode_flags():
+    archs = os.environ.get("ISGD_CUDA_ARCHS", "80;90")
+    flags = []
+    for arch in filter(None, (a.strip() for a in archs.replace(",", ";").split(";"))):
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    # PTX for the newest listed arch so later GPUs can JIT it.
+    newest = archs.replace(",", ";").split(";")[-1].strip()
+    flags += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
+    return flags
+
+
+def _extension():
+    with_cuda = (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and os.environ.get("ISGD_FORCE_CPU", "0") != "1"
+    )
+    cxx_flags = ["-O3", "-std=c++17"]
+    sources = _sources("*.cpp", "cpu/*.cpp")
+    if not with_cuda:
+        return CppExtension("isgd_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})
+    sources += _sources("cuda/*.cpp", "cuda/*.cu")
+    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + _gencode_flags()
+    return CUDAExtension(
+        "isgd_kernels._C",
+        sources,
+        define_macros=[("ISGD_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+
+
+setup(
+    name="isgd_kernels",
+    version="0.1.0",
+    description="Per-example gradient norms, alias-table sampling and importance-sampled SGD for PyTorch",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["isgd_kernels", "isgd_kernels.*"]) + ["issgd"],
+    package_dir={"issgd": "python/issgd"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    # torch is deliberately not listed: pip would replace the user's (CUDA or CPU) build.
+    install_requires=["numpy", "tqdm"],
+    extras_require={
+        "triton": ["triton>=3.2"],
+        "test": ["pytest>=8", "scikit-learn", "expecttest"],
+        "bench": ["pytest-benchmark>=4", "matplotlib", "pandas"],
+        "demo": ["scikit-learn", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["issgd=issgd.cli:main"]},
+)
