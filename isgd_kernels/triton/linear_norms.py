@@ -15,6 +15,8 @@ Partial sums (B x #tiles, at most B*T/16 floats) are reduced by torch: determini
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -26,6 +28,12 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _tl_acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _dot_operands_to_fp32(dtype: torch.dtype) -> bool:
+    # The interpreter has no bfloat16 arithmetic (numpy): tl.dot on bf16 tiles returns garbage there.
+    # Upcasting the tiles is exact, so interpreter runs still test the kernel's indexing and masking.
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -70,7 +78,7 @@ def _linear_sq_norms_outer_kernel(
 
 @triton.jit
 def _gram_tile(base_ptr, offs_t, offs_s, T, K, stride_t, stride_k,
-               ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """(BLOCK_T, BLOCK_T) tile of M M^T for M = base (T, K): rows offs_t, columns offs_s."""
     ks = tl.arange(0, BLOCK_K)
@@ -81,6 +89,8 @@ def _gram_tile(base_ptr, offs_t, offs_s, T, K, stride_t, stride_k,
                        mask=(offs_t[:, None] < T) & k_mask[None, :], other=0.0)
         cols = tl.load(base_ptr + (k0 + ks[:, None]) * stride_k + offs_s[None, :] * stride_t,
                        mask=k_mask[:, None] & (offs_s[None, :] < T), other=0.0)
+        if DOT_FP32:
+            rows, cols = rows.to(tl.float32), cols.to(tl.float32)
         gram = tl.dot(rows, cols, acc=gram, input_precision=DOT_PRECISION)
     return gram
 
@@ -89,7 +99,7 @@ def _gram_tile(base_ptr, offs_t, offs_s, T, K, stride_t, stride_k,
 def _linear_sq_norms_ghost_kernel(
     x_ptr, g_ptr, partial_ptr, T, D, P,
     stride_xb, stride_xt, stride_xd, stride_gb, stride_gt, stride_gp, NUM_T_TILES,
-    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -101,8 +111,8 @@ def _linear_sq_norms_ghost_kernel(
     total = tl.zeros([BLOCK_T], dtype=ACC_DTYPE)
     for s_tile in range(t_tile, NUM_T_TILES):
         offs_s = s_tile * BLOCK_T + tl.arange(0, BLOCK_T)
-        gram_a = _gram_tile(x_b, offs_t, offs_s, T, D, stride_xt, stride_xd, ACC_DTYPE, DOT_PRECISION, BLOCK_T, BLOCK_K)
-        gram_g = _gram_tile(g_b, offs_t, offs_s, T, P, stride_gt, stride_gp, ACC_DTYPE, DOT_PRECISION, BLOCK_T, BLOCK_K)
+        gram_a = _gram_tile(x_b, offs_t, offs_s, T, D, stride_xt, stride_xd, ACC_DTYPE, DOT_PRECISION, DOT_FP32, BLOCK_T, BLOCK_K)
+        gram_g = _gram_tile(g_b, offs_t, offs_s, T, P, stride_gt, stride_gp, ACC_DTYPE, DOT_PRECISION, DOT_FP32, BLOCK_T, BLOCK_K)
         contrib = gram_a * gram_g
         if HAS_BIAS:
             contrib += gram_g  # ||sum_t delta_t||^2 = sum_{t,s} delta_t . delta_s
@@ -115,7 +125,7 @@ def _linear_sq_norms_ghost_kernel(
 def _linear_sq_norms_materialize_kernel(
     x_ptr, g_ptr, partial_ptr, T, D, P,
     stride_xb, stride_xt, stride_xd, stride_gb, stride_gt, stride_gp, NUM_P_TILES,
-    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -137,6 +147,8 @@ def _linear_sq_norms_materialize_kernel(
                           mask=p_mask[:, None] & t_mask[None, :], other=0.0)
             a = tl.load(x_b + (t0 + ts[:, None]) * stride_xt + (d0 + ds[None, :]) * stride_xd,
                         mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+            if DOT_FP32:
+                g_t, a = g_t.to(tl.float32), a.to(tl.float32)
             grad_tile = tl.dot(g_t, a, acc=grad_tile, input_precision=DOT_PRECISION)
         total += tl.sum(grad_tile * grad_tile, axis=1)
     result = tl.sum(total)
@@ -190,6 +202,7 @@ def linear_sq_norms_ghost_triton(x: torch.Tensor, grad_out: torch.Tensor, bias: 
         x, grad_out, partial, T, D, P,
         *x.stride(), *grad_out.stride(), num_t_tiles,
         HAS_BIAS=bias, ACC_DTYPE=_tl_acc_dtype(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+        DOT_FP32=_dot_operands_to_fp32(x.dtype),
         BLOCK_T=block_t, BLOCK_K=block_k, num_warps=8 if block_t >= 64 else 4,
     )
     return partial.sum(1)
@@ -211,6 +224,7 @@ def linear_sq_norms_materialize_triton(x: torch.Tensor, grad_out: torch.Tensor, 
         x, grad_out, partial, T, D, P,
         *x.stride(), *grad_out.stride(), num_p_tiles,
         HAS_BIAS=bias, ACC_DTYPE=_tl_acc_dtype(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+        DOT_FP32=_dot_operands_to_fp32(x.dtype),
         BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=8 if block_p * block_d >= 4096 else 4,
     )
     return partial.sum(1)

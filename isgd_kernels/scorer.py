@@ -1,0 +1,226 @@
+"""Per-example gradient norms of a whole model, by a norms-only backward pass.
+
+A scoring pass needs, for every layer with trainable parameters, its input `A` (captured by a
+forward hook) and the gradient of the per-example losses w.r.t. its output `G`. The pass takes
+gradients w.r.t. the layer outputs only, with every parameter temporarily not requiring grad, so
+autograd never runs the weight-gradient GEMMs: scoring costs about a forward plus an input-gradient
+backward. Each layer's rule turns (A, G) into per-example squared norms; their sum over layers is
+||grad_theta l_i||^2.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from isgd_kernels.ops import linear_grad_sq_norms
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class UnsupportedModuleError(TypeError):
+    """A module with trainable parameters that the scorer has no exact rule for."""
+
+
+@dataclass
+class LayerCapture:
+    """What the forward pass recorded for one scored module."""
+
+    name: str
+    module: nn.Module
+    trainable: dict[str, bool]  # direct parameter name -> requires_grad at the start of the pass
+    inputs: tuple = ()
+    output: torch.Tensor | None = None
+    calls: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+# rule(capture, grad_output, backend) -> (B,) squared norm of the module's trainable direct parameters.
+Rule = Callable[[LayerCapture, torch.Tensor, str], torch.Tensor]
+
+
+def _linear_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> torch.Tensor:
+    x = cap.inputs[0]
+    with_bias = cap.module.bias is not None and cap.trainable.get("bias", False)
+    if cap.trainable.get("weight", False):
+        return linear_grad_sq_norms(x, grad_output, bias=with_bias, backend=backend)
+    # Only the bias is trainable: ||sum_t delta_t||^2.
+    g = grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1]).to(torch.float32
+                                                                               if grad_output.dtype != torch.float64
+                                                                               else torch.float64)
+    return g.sum(1).square().sum(-1)
+
+
+# Exact types only: a subclass may use its parameters differently in forward (LoRA, quantized, ...).
+RULES: dict[type, Rule] = {
+    nn.Linear: _linear_rule,
+}
+
+
+def register_rule(module_type: type, rule: Rule) -> None:
+    """Teach the scorer a new module type. `rule(capture, grad_output, backend) -> (B,)` must return
+    the exact per-example squared gradient norm of the module's trainable direct parameters."""
+    RULES[module_type] = rule
+
+
+def _supported_names() -> str:
+    return ", ".join(sorted(t.__name__ for t in RULES))
+
+
+class GradNormScorer:
+    """Computes ||grad_theta l_i|| for every example i of a batch, for all trainable parameters.
+
+    Args:
+        model: the network. Layers must see batch-first inputs (B, ...).
+        eval_mode: run the scoring pass in eval mode (dropout off, BatchNorm on running stats);
+            the model's mode is restored afterwards.
+        backend: kernel backend for the per-layer norms ("auto", "triton", "cuda", "cpu", "torch").
+
+    `.grad` of the parameters is never touched; the model's requires_grad flags are restored.
+    """
+
+    def __init__(self, model: nn.Module, *, eval_mode: bool = True, backend: str = "auto"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"GradNormScorer: model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.eval_mode = eval_mode
+        self.backend = backend
+        self._plan()  # fail early on unsupported modules
+
+    def _plan(self) -> list[LayerCapture]:
+        """The modules with trainable direct parameters, each with its rule; refuses what it cannot do."""
+        captures, owner = [], {}
+        for name, module in self.model.named_modules():
+            params = dict(module.named_parameters(recurse=False))
+            trainable = {pname: p.requires_grad for pname, p in params.items()}
+            if not any(trainable.values()):
+                continue
+            label = name or "<root>"
+            if type(module) not in RULES:
+                raise UnsupportedModuleError(
+                    f"GradNormScorer: module '{label}' ({type(module).__name__}) has trainable parameters "
+                    f"{[p for p, t in trainable.items() if t]} and no per-example norm rule. Supported: "
+                    f"{_supported_names()}. Freeze it (requires_grad_(False)) to leave it out, or add a rule with "
+                    "isgd_kernels.scorer.register_rule.")
+            for pname, p in params.items():
+                if trainable[pname] and p in owner:
+                    raise ValueError(
+                        f"GradNormScorer: parameter '{label}.{pname}' is shared with '{owner[p]}'; per-example "
+                        "norms of shared parameters need the sum of both uses' gradients, which is not supported.")
+                owner[p] = f"{label}.{pname}"
+            captures.append(LayerCapture(label, module, trainable))
+        return captures
+
+    def norms(self, inputs, targets, loss_fn: LossFn, *, return_losses: bool = False):
+        """Per-example gradient norms, shape (B,), float32 (float64 for a float64 model).
+
+        Args:
+            inputs: the model's input tensor (B, ...), or a tuple/list of positional inputs.
+            targets: passed to `loss_fn` as is.
+            loss_fn: `loss_fn(outputs, targets)` -> per-example losses of shape (B,)
+                (e.g. ``nn.CrossEntropyLoss(reduction="none")``).
+            return_losses: also return the per-example losses (detached).
+        """
+        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() == 0:
+            raise ValueError("GradNormScorer.norms: inputs must be a batched tensor (B, ...) or a tuple whose "
+                             "first element is one")
+        batch = args[0].shape[0]
+        captures = self._plan()
+        model = self.model
+        was_training = model.training
+        params = list(model.parameters())
+        requires_grad = [p.requires_grad for p in params]
+        handles = []
+        try:
+            if self.eval_mode:
+                model.eval()
+            self._refuse_batch_mixing()
+            for p in params:  # no parameter in the graph: autograd runs no weight-gradient GEMM
+                p.requires_grad_(False)
+            for cap in captures:
+                handles.append(cap.module.register_forward_hook(self._make_hook(cap, batch)))
+            with torch.enable_grad():
+                outputs = model(*args)
+                losses = loss_fn(outputs, targets)
+                self._check_losses(losses, batch)
+                sq = self._sq_norms(captures, losses, batch, args[0].device)
+        finally:
+            for h in handles:
+                h.remove()
+            for p, flag in zip(params, requires_grad):
+                p.requires_grad_(flag)
+            model.train(was_training)
+        norms = sq.sqrt()
+        return (norms, losses.detach()) if return_losses else norms
+
+    __call__ = norms
+
+    def _refuse_batch_mixing(self) -> None:
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+                raise ValueError(
+                    f"GradNormScorer: '{name}' ({type(module).__name__}) is in training mode, where it normalizes "
+                    "with batch statistics and so mixes examples: per-example gradients are not defined. Score "
+                    "with eval_mode=True (running statistics), or replace it with GroupNorm/LayerNorm.")
+
+    @staticmethod
+    def _make_hook(cap: LayerCapture, batch: int):
+        def hook(module, inputs, output):
+            cap.calls += 1
+            if cap.calls > 1:
+                raise ValueError(
+                    f"GradNormScorer: module '{cap.name}' ({type(module).__name__}) was called more than once in "
+                    "one forward pass (a reused layer shares its parameters across calls); this is not supported.")
+            if not isinstance(output, torch.Tensor) or output.dim() == 0 or output.shape[0] != batch:
+                shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                raise ValueError(
+                    f"GradNormScorer: module '{cap.name}' produced output {shape}, expected batch-first (B={batch}, "
+                    "...). The scorer needs every scored layer to see the batch in dim 0 (use batch_first=True).")
+            if not output.requires_grad:
+                # Nothing upstream needs a gradient: make this output the leaf we differentiate to.
+                output = output.detach().requires_grad_()
+            # Activations are data for the norm kernels, not part of the graph to differentiate.
+            cap.inputs = tuple(i.detach() if isinstance(i, torch.Tensor) else i for i in inputs)
+            cap.output = output
+            return output
+
+        return hook
+
+    @staticmethod
+    def _check_losses(losses, batch: int) -> None:
+        if not isinstance(losses, torch.Tensor) or losses.shape != (batch,):
+            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise ValueError(
+                f"GradNormScorer: loss_fn must return per-example losses of shape (B,) = ({batch},), got {shape}. "
+                "Use reduction='none' (a 'mean' would scale every norm by 1/B), and sum any other dims per example.")
+        bad = ~torch.isfinite(losses.detach())
+        if bad.any():
+            idx = bad.nonzero().flatten()[:10].tolist()
+            raise ValueError(f"GradNormScorer: loss_fn returned non-finite losses for examples {idx}")
+
+    def _sq_norms(self, captures, losses, batch, device) -> torch.Tensor:
+        for cap in captures:
+            if cap.calls == 0:
+                raise ValueError(
+                    f"GradNormScorer: module '{cap.name}' ({type(cap.module).__name__}) has trainable parameters but "
+                    "was not called in forward (its parameters may be used by another module directly). Freeze it "
+                    "(requires_grad_(False)) if it is unused.")
+        outputs = [cap.output for cap in captures]
+        grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else []
+        dtype = torch.float64 if losses.dtype == torch.float64 else torch.float32
+        total = torch.zeros(batch, device=device, dtype=dtype)
+        for cap, grad in zip(captures, grads):
+            if grad is None:  # the layer does not reach the loss: zero gradient
+                continue
+            total += RULES[type(cap.module)](cap, grad, self.backend).to(dtype)
+            cap.inputs, cap.output = (), None  # free activations early
+        return total
+
+
+def per_example_grad_norms(model: nn.Module, loss_fn: LossFn, inputs, targets, *, backend: str = "auto",
+                           eval_mode: bool = True) -> torch.Tensor:
+    """||grad_theta l_i|| for each example, shape (B,). See GradNormScorer."""
+    return GradNormScorer(model, eval_mode=eval_mode, backend=backend).norms(inputs, targets, loss_fn)
