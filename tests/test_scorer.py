@@ -1,0 +1,255 @@
+"""GradNormScorer: whole-model per-example gradient norms against torch.func.vmap(grad) in float64."""
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import isgd_kernels
+from isgd_kernels import GradNormScorer, UnsupportedModuleError, per_example_grad_norms
+from tests.utils import DEVICES, assert_close_rel
+
+xent = nn.CrossEntropyLoss(reduction="none")
+
+
+def vmap_norms(model, loss_fn, x, y):
+    """Reference: per-example gradients of all trainable parameters by torch.func, then their norm."""
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    buffers = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
+    buffers.update(dict(model.named_buffers()))
+
+    def loss(p, xi, yi):
+        out = functional_call(model, {**p, **buffers}, (xi.unsqueeze(0),))
+        return loss_fn(out, yi.unsqueeze(0)).sum()
+
+    per_example = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    return sum(g.flatten(1).square().sum(1) for g in per_example.values()).sqrt()
+
+
+def mlp(d_in=23, widths=(31, 17), d_out=5, dtype=torch.float64):
+    layers, d = [], d_in
+    for w in widths:
+        layers += [nn.Linear(d, w), nn.Tanh()]
+        d = w
+    layers.append(nn.Linear(d, d_out))
+    return nn.Sequential(*layers).to(dtype)
+
+
+class SequenceModel(nn.Module):
+    """3-D Linear layers (B, T, d) with a residual add, mean pooling and a classifier."""
+
+    def __init__(self, d=12, hidden=20, classes=4):
+        super().__init__()
+        self.embed = nn.Linear(7, d)
+        self.up = nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, d)
+        self.head = nn.Linear(d, classes, bias=False)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_mlp_matches_vmap(device, backend):
+    torch.manual_seed(0)
+    model = mlp().to(device)
+    x, y = torch.randn(9, 23, dtype=torch.float64, device=device), torch.randint(0, 5, (9,), device=device)
+    got = per_example_grad_norms(model, xent, x, y, backend=backend)
+    assert got.dtype == torch.float64 and got.shape == (9,)
+    assert_close_rel(got, vmap_norms(model, xent, x, y), 1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mlp_float32_matches_float64_reference(device):
+    torch.manual_seed(1)
+    model = mlp(dtype=torch.float32).to(device)
+    x, y = torch.randn(16, 23, device=device), torch.randint(0, 5, (16,), device=device)
+    got = per_example_grad_norms(model, xent, x, y)
+    expected = vmap_norms(model.double(), xent, x.double(), y)
+    assert got.dtype == torch.float32
+    assert_close_rel(got, expected, 1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sequence_model_with_3d_linear(device):
+    torch.manual_seed(2)
+    model = SequenceModel().double().to(device)
+    x = torch.randn(6, 11, 7, dtype=torch.float64, device=device)
+    y = torch.randint(0, 4, (6,), device=device)
+    got = GradNormScorer(model).norms(x, y, xent)
+    assert_close_rel(got, vmap_norms(model, xent, x, y), 1e-10)
+
+
+def test_triton_backend_in_scorer():
+    torch.manual_seed(3)
+    model = SequenceModel()
+    x, y = torch.randn(5, 9, 7), torch.randint(0, 4, (5,))
+    if not isgd_kernels.backend_available("triton", x.device, "_linear_sq_norms_ghost"):
+        pytest.skip("Triton unavailable")
+    got = GradNormScorer(model, backend="triton").norms(x, y, xent)
+    assert_close_rel(got, vmap_norms(model.double(), xent, x.double(), y), 1e-4)
+
+
+def test_mse_loss_and_returned_losses():
+    torch.manual_seed(4)
+    model = mlp(d_out=3)
+    x, y = torch.randn(8, 23, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+
+    def loss_fn(out, target):
+        return (out - target).square().sum(1)
+
+    norms, losses = GradNormScorer(model).norms(x, y, loss_fn, return_losses=True)
+    assert_close_rel(norms, vmap_norms(model, loss_fn, x, y), 1e-10)
+    assert_close_rel(losses, loss_fn(model(x), y), 1e-12)
+    assert not norms.requires_grad and not losses.requires_grad
+
+
+def test_grad_mode_and_flags_untouched():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 3)).double()
+    model.train()
+    model[0].weight.grad = torch.full_like(model[0].weight, 7.0)
+    model[3].bias.requires_grad_(False)
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with torch.no_grad():  # scoring works inside no_grad too
+        got = per_example_grad_norms(model, xent, x, y)
+    assert model.training
+    assert torch.equal(model[0].weight.grad, torch.full_like(model[0].weight, 7.0))
+    assert model[0].bias.grad is None and model[3].weight.grad is None
+    assert [p.requires_grad for p in model.parameters()] == [True, True, True, False]
+    # Scored in eval mode (dropout off), frozen bias excluded.
+    model.eval()
+    assert_close_rel(got, vmap_norms(model, xent, x, y), 1e-10)
+
+
+def test_frozen_layers_and_bias_only_training():
+    torch.manual_seed(6)
+    model = mlp()
+    model[0].requires_grad_(False)      # a frozen first layer
+    model[2].weight.requires_grad_(False)  # only the bias of the middle layer trains
+    x, y = torch.randn(7, 23, dtype=torch.float64), torch.randint(0, 5, (7,))
+    got = per_example_grad_norms(model, xent, x, y)
+    assert_close_rel(got, vmap_norms(model, xent, x, y), 1e-10)
+
+
+class CountMatmuls(TorchDispatchMode):
+    MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.MATMULS
+        return func(*args, **(kwargs or {}))
+
+
+def test_norms_only_backward_runs_no_weight_gradient_gemm():
+    """4 Linear layers: forward 4 GEMMs + input-gradient GEMMs of layers 2..4 = 7; a full backward is 11."""
+    model = mlp(widths=(40, 30, 20)).float()
+    x, y = torch.randn(64, 23), torch.randint(0, 5, (64,))
+    with CountMatmuls() as counter:
+        GradNormScorer(model, backend="cpu" if isgd_kernels.backend_available(
+            "cpu", x.device, "_linear_sq_norms_outer") else "torch").norms(x, y, xent)
+    assert counter.count == 4 + 3
+    with CountMatmuls() as full:
+        xent(model(x), y).sum().backward()
+    assert full.count == 4 + 3 + 4
+
+
+def test_unsupported_module_is_named():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedModuleError, match=r"module '1' \(LayerNorm\).*\['weight', 'bias'\]"):
+        GradNormScorer(model)
+    model[1].requires_grad_(False)  # frozen: fine
+    GradNormScorer(model).norms(torch.randn(3, 4), torch.tensor([0, 1, 0]), xent)
+
+
+def test_custom_parameter_on_root_is_refused():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+            self.scale = nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return self.fc(x) * self.scale
+
+    with pytest.raises(UnsupportedModuleError, match=r"'<root>' \(Scaled\).*\['scale'\]"):
+        GradNormScorer(Scaled())
+
+
+def test_mean_reduction_is_refused():
+    model = mlp()
+    x, y = torch.randn(4, 23, dtype=torch.float64), torch.randint(0, 5, (4,))
+    with pytest.raises(ValueError, match=r"shape \(B,\) = \(4,\), got \(\).*reduction='none'"):
+        GradNormScorer(model).norms(x, y, nn.CrossEntropyLoss())
+
+
+def test_non_finite_loss_is_reported():
+    model = mlp()
+    x, y = torch.randn(4, 23, dtype=torch.float64), torch.randint(0, 5, (4,))
+    x[2] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite losses for examples \[2\]"):
+        GradNormScorer(model).norms(x, y, xent)
+
+
+def test_reused_layer_is_refused_and_state_restored():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc(x)))
+
+    model = Twice()
+    with pytest.raises(ValueError, match="called more than once"):
+        GradNormScorer(model).norms(torch.randn(3, 4), torch.tensor([0, 1, 2]), xent)
+    assert all(p.requires_grad for p in model.parameters()) and model.training
+    assert not model.fc._forward_hooks
+
+
+def test_shared_parameter_is_refused():
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    with pytest.raises(ValueError, match="shared"):
+        GradNormScorer(nn.Sequential(a, nn.ReLU(), b))
+
+
+def test_uncalled_trainable_module_is_refused():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.spare = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    with pytest.raises(ValueError, match="'spare' .* was not called"):
+        GradNormScorer(Unused()).norms(torch.randn(2, 4), torch.tensor([0, 1]), xent)
+
+
+def test_batchnorm_in_training_mode_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 2))
+    x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+    with pytest.raises(ValueError, match="mixes examples"):
+        GradNormScorer(model, eval_mode=False).norms(x, y, xent)
+    GradNormScorer(model).norms(x, y, xent)  # eval mode uses running statistics: fine
+
+
+def test_seq_first_layout_is_refused():
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):  # x (B, T, d) -> (T, B, d): the layer sees T in dim 0
+            return self.fc(x.transpose(0, 1)).mean(0)
+
+    with pytest.raises(ValueError, match="batch-first"):
+        GradNormScorer(SeqFirst()).norms(torch.randn(2, 5, 4), torch.tensor([0, 1]), xent)
