@@ -34,18 +34,31 @@ at::ScalarType acc_dtype(const at::Tensor& x) {
 
 template <typename scalar_t, typename acc_t>
 inline acc_t row_sq_sum(const scalar_t* row, int64_t n, int64_t stride) {
-  acc_t s = 0;
-  if (stride == 1) {
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t v = static_cast<acc_t>(row[j]);
-      s += v * v;
-    }
-  } else {
+  if (stride != 1) {
+    acc_t s = 0;
     for (int64_t j = 0; j < n; ++j) {
       const acc_t v = static_cast<acc_t>(row[j * stride]);
       s += v * v;
     }
+    return s;
   }
+  // Independent lanes let the compiler vectorise the reduction without -ffast-math (a single
+  // scalar accumulator is a serial dependency chain): 1.6x on the B=8192, d=256 benchmark row.
+  constexpr int kLanes = 16;
+  acc_t lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t v = static_cast<acc_t>(row[j + l]);
+      lanes[l] += v * v;
+    }
+  }
+  acc_t s = 0;
+  for (; j < n; ++j) {
+    const acc_t v = static_cast<acc_t>(row[j]);
+    s += v * v;
+  }
+  for (int l = 0; l < kLanes; ++l) s += lanes[l];
   return s;
 }
 

@@ -1,0 +1,3 @@
+from issgd.cli import main
+
+main()
