@@ -19,20 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from issgd.models import paper_mlp  # noqa: F401  (re-exported for the benchmark modules)
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 # ----------------------------------------------------------------------------------- workloads
-def paper_mlp(d_in: int = 3072, width: int = 2048, depth: int = 4, classes: int = 10) -> nn.Sequential:
-    """The permutation-invariant SVHN MLP of Alain et al.: 3072 -> 2048 x 4 -> 10, ReLU."""
-    layers, d = [], d_in
-    for _ in range(depth):
-        layers += [nn.Linear(d, width), nn.ReLU()]
-        d = width
-    layers.append(nn.Linear(d, classes))
-    return nn.Sequential(*layers)
-
-
 class TokenMLP(nn.Module):
     """A sequence model made of 3-D Linear layers: embed, two residual MLP blocks, mean-pool, head."""
 
