@@ -22,6 +22,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # Build against the installed torch (no isolated build env: it would fetch another torch).
-if ! "$PY" -c "import isgd_kernels._C" 2>/dev/null || [ "${ISGD_REBUILD:-0}" = 1 ]; then
+# Rebuild when the extension does not import, when a C++/CUDA source is newer than it, or on request.
+so=$(ls isgd_kernels/_C*.so 2>/dev/null | head -n 1 || true)
+if [ -z "$so" ] || [ -n "$(find csrc setup.py -newer "$so" 2>/dev/null | head -n 1)" ] \
+   || ! "$PY" -c "import isgd_kernels._C" 2>/dev/null || [ "${ISGD_REBUILD:-0}" = 1 ]; then
   "$PY" -m pip install --quiet --no-build-isolation --no-deps -e .
 fi
