@@ -50,12 +50,12 @@ def _extension():
         and CUDA_HOME is not None
         and os.environ.get("ISGD_FORCE_CPU", "0") != "1"
     )
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # the C++ standard is torch's choice (BuildExtension sets the one its headers need)
     sources = _sources("*.cpp", "cpu/*.cpp")
     if not with_cuda:
         return CppExtension("isgd_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})
     sources += _sources("cuda/*.cpp", "cuda/*.cu")
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + _gencode_flags()
+    nvcc_flags = ["-O3", "-lineinfo"] + _gencode_flags()
     return CUDAExtension(
         "isgd_kernels._C",
         sources,

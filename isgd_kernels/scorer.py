@@ -224,3 +224,6 @@ def per_example_grad_norms(model: nn.Module, loss_fn: LossFn, inputs, targets, *
                            eval_mode: bool = True) -> torch.Tensor:
     """||grad_theta l_i|| for each example, shape (B,). See GradNormScorer."""
     return GradNormScorer(model, eval_mode=eval_mode, backend=backend).norms(inputs, targets, loss_fn)
+
+
+import isgd_kernels.layer_rules  # noqa: E402,F401  (registers the Embedding and normalization-layer rules)
