@@ -9,7 +9,7 @@ backward. Each layer's rule turns (A, G) into per-example squared norms; their s
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 import isgd_kernels.layer_rules  # noqa: F401  (registers the rules)
 from isgd_kernels import GradNormScorer
+from isgd_kernels.reference import per_example_grad_norms_loop, per_example_grad_norms_vmap
 from isgd_kernels.scorer import RULES
 from tests.utils import DEVICES, assert_close_rel
 
@@ -21,30 +21,8 @@ xent = nn.CrossEntropyLoss(reduction="none")
 F64 = torch.float64
 
 
-def vmap_norms(model, loss_fn, x, y):
-    """Per-example gradients of all trainable parameters by torch.func, then their norm."""
-    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-    buffers = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
-    buffers.update(dict(model.named_buffers()))
-
-    def loss(p, xi, yi):
-        out = functional_call(model, {**p, **buffers}, (xi.unsqueeze(0),))
-        return loss_fn(out, yi.unsqueeze(0)).sum()
-
-    per_example = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
-    return sum(g.flatten(1).square().sum(1) for g in per_example.values()).sqrt()
-
-
-def loop_norms(model, loss_fn, x, y):
-    """Per-example gradients by one autograd backward per example (for layers vmap cannot run)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    out = []
-    for i in range(x.shape[0]):
-        loss = loss_fn(model(x[i:i + 1]), y[i:i + 1]).sum()
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        sq = sum(g.to_dense().double().square().sum() for g in grads if g is not None)
-        out.append(torch.as_tensor(sq, dtype=F64))
-    return torch.stack(out).sqrt()
+vmap_norms = per_example_grad_norms_vmap
+loop_norms = per_example_grad_norms_loop
 
 
 class Head(nn.Module):

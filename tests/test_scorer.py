@@ -2,28 +2,17 @@
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import isgd_kernels
 from isgd_kernels import GradNormScorer, UnsupportedModuleError, per_example_grad_norms
+from isgd_kernels.reference import per_example_grad_norms_vmap
 from tests.utils import DEVICES, assert_close_rel
 
 xent = nn.CrossEntropyLoss(reduction="none")
 
 
-def vmap_norms(model, loss_fn, x, y):
-    """Reference: per-example gradients of all trainable parameters by torch.func, then their norm."""
-    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-    buffers = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
-    buffers.update(dict(model.named_buffers()))
-
-    def loss(p, xi, yi):
-        out = functional_call(model, {**p, **buffers}, (xi.unsqueeze(0),))
-        return loss_fn(out, yi.unsqueeze(0)).sum()
-
-    per_example = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
-    return sum(g.flatten(1).square().sum(1) for g in per_example.values()).sqrt()
+vmap_norms = per_example_grad_norms_vmap
 
 
 def mlp(d_in=23, widths=(31, 17), d_out=5, dtype=torch.float64):

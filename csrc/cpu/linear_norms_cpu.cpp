@@ -12,21 +12,13 @@
 
 #include <algorithm>
 
+#include "../linear_norms.h"
+
 namespace isgd_kernels {
 namespace {
 
 // Temporaries per chunk (elements of the Gram / per-example-gradient batch): 16M fp32 = 64 MiB.
 constexpr int64_t kChunkElements = int64_t(1) << 24;
-
-void check_inputs(const at::Tensor& x, const at::Tensor& g, const char* op) {
-  TORCH_CHECK(x.dim() == 3 && g.dim() == 3, op, ": expected x (B, T, d_in) and grad_out (B, T, d_out), got x ",
-              x.sizes(), " and grad_out ", g.sizes());
-  TORCH_CHECK(x.size(0) == g.size(0) && x.size(1) == g.size(1), op,
-              ": x and grad_out must agree on (B, T), got x ", x.sizes(), " and grad_out ", g.sizes());
-  TORCH_CHECK(x.scalar_type() == g.scalar_type(), op, ": x and grad_out must have the same dtype, got ",
-              x.scalar_type(), " and ", g.scalar_type());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": expected a floating dtype, got ", x.scalar_type());
-}
 
 at::ScalarType acc_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -63,7 +55,7 @@ inline acc_t row_sq_sum(const scalar_t* row, int64_t n, int64_t stride) {
 }
 
 at::Tensor linear_sq_norms_outer_cpu(const at::Tensor& x, const at::Tensor& g, bool bias) {
-  check_inputs(x, g, "_linear_sq_norms_outer");
+  check_linear_norm_inputs(x, g, "_linear_sq_norms_outer");
   TORCH_CHECK(x.size(1) == 1, "_linear_sq_norms_outer: needs T == 1, got x ", x.sizes());
   const int64_t B = x.size(0), d = x.size(2), p = g.size(2);
   auto out = at::empty({B}, x.options().dtype(acc_dtype(x)));
@@ -88,7 +80,7 @@ at::Tensor linear_sq_norms_outer_cpu(const at::Tensor& x, const at::Tensor& g, b
 }
 
 at::Tensor linear_sq_norms_ghost_cpu(const at::Tensor& x, const at::Tensor& g, bool bias) {
-  check_inputs(x, g, "_linear_sq_norms_ghost");
+  check_linear_norm_inputs(x, g, "_linear_sq_norms_ghost");
   const int64_t B = x.size(0), T = x.size(1);
   auto out = at::empty({B}, x.options().dtype(acc_dtype(x)));
   if (B == 0) return out;
@@ -107,7 +99,7 @@ at::Tensor linear_sq_norms_ghost_cpu(const at::Tensor& x, const at::Tensor& g, b
 }
 
 at::Tensor linear_sq_norms_materialize_cpu(const at::Tensor& x, const at::Tensor& g, bool bias) {
-  check_inputs(x, g, "_linear_sq_norms_materialize");
+  check_linear_norm_inputs(x, g, "_linear_sq_norms_materialize");
   const int64_t B = x.size(0), d = x.size(2), p = g.size(2);
   auto out = at::empty({B}, x.options().dtype(acc_dtype(x)));
   if (B == 0) return out;

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 from torch.utils import benchmark
 from tqdm import tqdm
 
@@ -24,6 +23,7 @@ import isgd_kernels
 from issgd.data import load_digits
 from issgd.diagnostics import sqrt_trace_covariances
 from issgd.models import mlp, paper_mlp
+from isgd_kernels.reference import per_example_grad_norms_loop, per_example_grad_norms_vmap
 
 XENT = nn.CrossEntropyLoss(reduction="none")
 
@@ -38,22 +38,11 @@ def mean_grad_sq_norm(model, x, y):
 
 
 def vmap_norms(model, x, y):
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def loss(p, xi, yi):
-        return XENT(functional_call(model, p, (xi[None],)), yi[None]).sum()
-
-    grads = vmap(grad(loss), in_dims=(None, 0, 0), chunk_size=64)(params, x, y)
-    return sum(g.flatten(1).square().sum(1) for g in grads.values()).sqrt()
+    return per_example_grad_norms_vmap(model, XENT, x, y, chunk_size=64)
 
 
 def loop_norms(model, x, y):
-    params = list(model.parameters())
-    out = []
-    for i in range(len(x)):
-        grads = torch.autograd.grad(XENT(model(x[i:i + 1]), y[i:i + 1]).sum(), params)
-        out.append(torch.stack([g.square().sum() for g in grads]).sum().sqrt())
-    return torch.stack(out)
+    return per_example_grad_norms_loop(model, XENT, x, y)
 
 
 def median_ms(fn, min_run_time=1.0) -> float:
