@@ -61,10 +61,13 @@ inline double max_d(double a, double b) { return a > b ? a : b; }
 inline double min_d(double a, double b) { return a < b ? a : b; }
 #endif
 
-// Weights -> s = N q (mean 1). Exactly the formula of reference_sampler.alias_scale.
+// Weights -> s = N q (mean 1): s(w) = cs for the largest weight m (so it is heavy: cs >= 1, and all-
+// equal weights give identical s, i.e. an exactly uniform table), else (w * pre) * k with
+// k = cs / (m * pre); pre = 2^600 only when 1/m would overflow. (Same idea as
+// reference_sampler.alias_scale, one multiply cheaper: the tables agree to rounding, not bitwise.)
 struct Scale {
-  double m, pre, rinv, cs;
-  inline double operator()(double w) const { return select_d(w == m, 1.0, (w * pre) * rinv) * cs; }
+  double m, pre, k, cs;
+  inline double operator()(double w) const { return select_d(w == m, cs, (w * pre) * k); }
 };
 
 void advise_huge_pages(const at::Tensor& t) {
@@ -131,23 +134,30 @@ void for_blocks(int64_t nb, int64_t items, const F& f) {
   run_tasks(tasks, [&](int64_t t) { f(nb * t / tasks, nb * (t + 1) / tasks); });
 }
 
-// The items of one class (light or heavy) in index order, kBuf at a time, compacted without
-// branches (a 50/50 light/heavy pattern would mispredict on every item otherwise). Two sentinel
-// entries (index n, s = 0) follow the last item, so one item of look-ahead is always readable.
+// The items of one class (light or heavy) in index order, kBuf at a time, found through the heavy
+// bit mask written by pass 2 (ctz over 64-item words: each stream touches only its own items) and
+// tagged with their merge key: a light's exclusive deficit prefix, a heavy's inclusive excess
+// prefix, both continuing from the task's start values and summed with compensation (TwoSum), so
+// a key is accurate to ~1 ulp of its magnitude however long the task. After the last entry sit two
+// sentinels (index n): a light sentinel carries the exclusive prefix of whatever light comes next
+// (what a heavy's threshold needs once the task's lights are done), a heavy one the key +inf.
 template <typename T>
 struct Stream {
-  static constexpr int64_t kBuf = 2048, kChunk = 256;
+  static constexpr int64_t kBuf = 2048;
   const T* w;
+  const uint64_t* heavy_mask;
   int64_t n;
   Scale sc;
   bool light;
-  int64_t pos;  // next index to scan
+  int64_t pos;          // next index to look at
+  double acc, comp;     // running prefix (hi + lo)
   int64_t head = 0, cnt = 0;
   std::vector<int64_t> idx;
-  std::vector<double> sv;
+  std::vector<double> sv, key;
 
-  Stream(const T* w_, int64_t n_, const Scale& sc_, bool light_, int64_t start)
-      : w(w_), n(n_), sc(sc_), light(light_), pos(start), idx(kBuf + kChunk + 2), sv(kBuf + kChunk + 2) {
+  Stream(const T* w_, const uint64_t* mask_, int64_t n_, const Scale& sc_, bool light_, int64_t start, double base)
+      : w(w_), heavy_mask(mask_), n(n_), sc(sc_), light(light_), pos(start), acc(base), comp(0.0),
+        idx(kBuf + 66), sv(kBuf + 66), key(kBuf + 66) {
     refill();
   }
 
@@ -156,29 +166,45 @@ struct Stream {
     for (int64_t q = head; q < cnt; ++q, ++k) {
       idx[k] = idx[q];
       sv[k] = sv[q];
+      key[k] = key[q];
     }
     head = 0;
-    cnt = k;
-    const Scale s = sc;
-    const bool want = light;
+    const int64_t first_new = k;
+    int64_t c = k;
     int64_t* ip = idx.data();
-    double* vp = sv.data();
-    while (cnt < kBuf && pos < n) {
-      const int64_t end = std::min(n, pos + kChunk);
-      int64_t c = cnt;
-      for (int64_t i = pos; i < end; ++i) {
-        const double v = s(static_cast<double>(w[i]));
-        ip[c] = i;
-        vp[c] = v;
-        c += (v < 1.0) == want;
+    while (c < kBuf && pos < n) {
+      const int64_t wi = pos >> 6;
+      uint64_t bits = light ? ~heavy_mask[wi] : heavy_mask[wi];
+      bits &= ~uint64_t(0) << (pos & 63);
+      const int64_t word_end = (wi + 1) << 6;
+      if (word_end > n) bits &= (uint64_t(1) << (n & 63)) - 1;
+      while (bits) {
+        ip[c++] = (wi << 6) + __builtin_ctzll(bits);
+        bits &= bits - 1;
       }
-      cnt = c;
-      pos = end;
+      pos = word_end;
     }
-    if (pos >= n) {
-      ip[cnt] = ip[cnt + 1] = n;
-      vp[cnt] = vp[cnt + 1] = 0.0;
+    cnt = c;
+    const Scale s = sc;
+    double a = acc, e = comp;
+    double* vp = sv.data();
+    double* kp = key.data();
+    for (int64_t q = first_new; q < c; ++q) {
+      const double v = s(static_cast<double>(w[ip[q]]));
+      vp[q] = v;
+      const double x = light ? 1.0 - v : v - 1.0;
+      if (light) kp[q] = a + e;  // exclusive
+      double t, err;
+      two_sum(a, x, t, err);
+      a = t;
+      e += err;
+      if (!light) kp[q] = a + e;  // inclusive
     }
+    acc = a;
+    comp = e;
+    ip[c] = ip[c + 1] = n;
+    vp[c] = vp[c + 1] = 0.0;
+    kp[c] = kp[c + 1] = light ? a + e : std::numeric_limits<double>::infinity();
   }
 };
 
@@ -191,6 +217,8 @@ struct Builder {
   int64_t argmax;
   std::vector<int64_t> PL, PH;    // lights / heavies in blocks [0, b)
   std::vector<double> PDL, PEH;   // their summed deficit / excess
+  std::vector<uint64_t> mask_;    // bit i set: item i is heavy (s >= 1); N/8 bytes
+  const uint64_t* mask = nullptr;
   double* thr;
   I* alias;
 
@@ -201,6 +229,9 @@ struct Builder {
   void block_summaries() {
     std::vector<int64_t> nl(nb), nh(nb);
     std::vector<double> dl(nb), eh(nb);
+    mask_.assign((n + 63) / 64, 0);
+    mask = mask_.data();
+    uint64_t* mk = mask_.data();
     for_blocks(nb, n, [&](int64_t b0, int64_t b1) {
       const Scale sc_ = sc;
       const T* wp = w;
@@ -210,23 +241,38 @@ struct Builder {
         // excess of a heavy (s = 1 contributes 0 to both, whichever class it counts in).
         int64_t cnt[4] = {0, 0, 0, 0};
         double d[4] = {0, 0, 0, 0}, e[4] = {0, 0, 0, 0};
-        int64_t i = lo;
-        for (; i + 4 <= hi; i += 4) {
-          for (int k = 0; k < 4; ++k) {
-            const double v = sc_(static_cast<double>(wp[i + k]));
-            cnt[k] += v < 1.0;
-            d[k] += max_d(1.0 - v, 0.0);
-            e[k] += max_d(v - 1.0, 0.0);
+        for (int64_t w0 = lo; w0 < hi; w0 += 64) {  // kBlock is a multiple of 64: words stay in-block
+          const int64_t we = std::min(hi, w0 + 64);
+          uint64_t bits = 0;
+          int64_t i = w0;
+          // Unrolled by hand: lane arrays indexed by a runtime lane number went through the stack.
+          for (; i + 4 <= we; i += 4) {
+            const double v0 = sc_(static_cast<double>(wp[i])), v1 = sc_(static_cast<double>(wp[i + 1]));
+            const double v2 = sc_(static_cast<double>(wp[i + 2])), v3 = sc_(static_cast<double>(wp[i + 3]));
+            const uint64_t h0 = !(v0 < 1.0), h1 = !(v1 < 1.0), h2 = !(v2 < 1.0), h3 = !(v3 < 1.0);
+            bits |= (h0 | (h1 << 1) | (h2 << 2) | (h3 << 3)) << (i - w0);
+            cnt[0] += (h0 + h1) + (h2 + h3);
+            d[0] += max_d(1.0 - v0, 0.0);
+            d[1] += max_d(1.0 - v1, 0.0);
+            d[2] += max_d(1.0 - v2, 0.0);
+            d[3] += max_d(1.0 - v3, 0.0);
+            e[0] += max_d(v0 - 1.0, 0.0);
+            e[1] += max_d(v1 - 1.0, 0.0);
+            e[2] += max_d(v2 - 1.0, 0.0);
+            e[3] += max_d(v3 - 1.0, 0.0);
           }
+          for (; i < we; ++i) {
+            const double v = sc_(static_cast<double>(wp[i]));
+            const uint64_t h = !(v < 1.0);
+            bits |= h << (i - w0);
+            cnt[0] += h;
+            d[0] += max_d(1.0 - v, 0.0);
+            e[0] += max_d(v - 1.0, 0.0);
+          }
+          mk[w0 >> 6] = bits;
         }
-        for (; i < hi; ++i) {
-          const double v = sc_(static_cast<double>(wp[i]));
-          cnt[0] += v < 1.0;
-          d[0] += max_d(1.0 - v, 0.0);
-          e[0] += max_d(v - 1.0, 0.0);
-        }
-        nl[b] = (cnt[0] + cnt[1]) + (cnt[2] + cnt[3]);
-        nh[b] = (hi - lo) - nl[b];
+        nh[b] = cnt[0];  // cnt[0] counts heavies here
+        nl[b] = (hi - lo) - nh[b];
         dl[b] = (d[0] + d[1]) + (d[2] + d[3]);
         eh[b] = (e[0] + e[1]) + (e[2] + e[3]);
       }
@@ -314,38 +360,49 @@ struct Builder {
     return lo;
   }
 
-  // Sweep lights [a, a_end) and heavies [b, b_end) of the merged order. Each step is branch-free
-  // (both outcomes computed, one selected): the light/heavy sequence is data-dependent and a
-  // branch on it mispredicted ~every other item (20+ ns/item measured, vs ~5 ns now).
+  // Sweep lights [a, a_end) and heavies [b, b_end) in merged order: light a before heavy b iff
+  // key(a) < key(b). Each step is branch-free (both outcomes computed, one selected; a branch on the
+  // data-dependent light/heavy sequence mispredicted about every other item), and its dependency
+  // chain is two L1 loads and a compare -- no running residual.
   void sweep(int64_t a, int64_t a_end, int64_t b, int64_t b_end) {
     if (a >= a_end && b >= b_end) return;
     const auto li = light_at(a);
     const auto hj = heavy_at(b);
-    Stream<T> L(w, n, sc, true, li.first), H(w, n, sc, false, hj.first);
-    // Residual of the current heavy: its weight minus what the items merged before it took.
-    double r = H.sv[0] - (li.second - hj.second);
-    double c = 0;  // compensation of r (Fast2Sum): a heavy absorbing 1e7 lights stays exact
+    Stream<T> L(w, mask, n, sc, true, li.first, li.second), H(w, mask, n, sc, false, hj.first, hj.second);
     const int64_t nn = n, am = argmax;
-    double* tp = thr;
-    I* ap = alias;
+    // Locals and restrict pointers: the table stores cannot alias the stream buffers, so cursors and
+    // buffer pointers stay in registers (otherwise they were reloaded from the stack every step).
+    double* __restrict__ tp = thr;
+    I* __restrict__ ap = alias;
+    const int64_t* __restrict__ li_ = L.idx.data();
+    const double* __restrict__ lk = L.key.data();
+    const double* __restrict__ ls = L.sv.data();
+    const int64_t* __restrict__ hi_ = H.idx.data();
+    const double* __restrict__ hk = H.key.data();
+    int64_t lh = L.head, lc = L.cnt, hh = H.head, hc = H.cnt;
     while (a < a_end || b < b_end) {
       // Refills are rare (once per kBuf items); a stream is not refilled past what the task needs.
-      if (L.head == L.cnt && a < a_end) L.refill();
-      if (H.cnt - H.head < 2 && H.pos < nn && b <= b_end) H.refill();
-      const int64_t i = L.idx[L.head], j = H.idx[H.head], jn = H.idx[H.head + 1];
-      const double sl = L.sv[L.head], sn = H.sv[H.head + 1];
-      const bool light = (a < a_end) & ((b >= b_end) | (r > 1.0));
-      const double rr = r + c;
+      if (lh == lc && a < a_end) {
+        L.head = lh;
+        L.refill();
+        lh = L.head;
+        lc = L.cnt;
+      }
+      if (hc - hh < 2 && H.pos < nn && b <= b_end) {
+        H.head = hh;
+        H.refill();
+        hh = H.head;
+        hc = H.cnt;
+      }
+      const double kl = lk[lh], kh = hk[hh];
+      const bool light = (a < a_end) & ((b >= b_end) | (kl < kh));
+      const int64_t i = li_[lh], j = hi_[hh], jn = hi_[hh + 1];
       const int64_t tgt = light ? i : j;
-      tp[tgt] = select_d(light, sl, min_d(max_d(rr, 0.0), 1.0));  // a zero weight gets exactly 0
+      // A light keeps exactly s (a zero weight: threshold 0); a heavy keeps 1 - (what it still owes).
+      tp[tgt] = select_d(light, ls[lh], min_d(max_d(1.0 - (kl - kh), 0.0), 1.0));
       ap[tgt] = static_cast<I>(light ? (j < nn ? j : am) : (jn < nn ? jn : j));
-      const double dneg = sl - 1.0;
-      const double rl = r + dneg;
-      const double el = dneg - (rl - r);  // exact error of r + dneg (|r| >= |dneg| when it counts)
-      r = select_d(light, rl, sn - (1.0 - rr));
-      c = select_d(light, c + el, 0.0);
-      L.head += light;
-      H.head += !light;
+      lh += light;
+      hh += !light;
       a += light;
       b += !light;
     }
@@ -453,16 +510,16 @@ double build_typed(const at::Tensor& weights, at::Tensor& threshold, at::Tensor&
   Scale sc;
   sc.m = p1.mx;
   sc.pre = p1.mx < kTinyMax ? kPrescale : 1.0;
-  sc.rinv = 1.0 / (p1.mx * sc.pre);
-  sc.cs = 1.0;
-  double sum_ws;
+  const double rinv = 1.0 / (p1.mx * sc.pre);
+  double sum_ws;  // sum of w / m
   if (std::isfinite(p1.sum)) {
-    sum_ws = (p1.sum * sc.pre) * sc.rinv;
+    sum_ws = (p1.sum * sc.pre) * rinv;
   } else {  // sum of float64 weights near DBL_MAX overflowed: sum the scaled weights instead
     sum_ws = 0;
-    for (int64_t i = 0; i < n; ++i) sum_ws += sc(static_cast<double>(w[i]));
+    for (int64_t i = 0; i < n; ++i) sum_ws += (static_cast<double>(w[i]) * sc.pre) * rinv;
   }
   sc.cs = std::max(1.0, static_cast<double>(n) / sum_ws);
+  sc.k = rinv * sc.cs;
 
   Builder<T, I> bld;
   bld.w = w;
