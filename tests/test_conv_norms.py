@@ -1,0 +1,363 @@
+"""conv_grad_sq_norms and the Conv1d/2d/3d scorer rule against float64 torch.func per-example gradients."""
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import isgd_kernels
+import isgd_kernels.conv  # noqa: F401  (registers the op and the Conv rules)
+import isgd_kernels.layer_rules  # noqa: F401
+from isgd_kernels.conv import conv_grad_sq_norms, conv_grad_sq_norms_ref, resolve_padding
+from isgd_kernels.reference import per_example_grad_norms_vmap
+from tests.utils import DEVICES, RTOL, assert_close_rel
+
+# The float64 reference convs themselves warn that an even 'same' kernel pads a copy of the input.
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+xent = nn.CrossEntropyLoss(reduction="none")
+
+
+def backends_for(device):
+    out = ["torch"]
+    if device == "cpu":
+        out.append("cpu")
+    if isgd_kernels.backend_available("triton", torch.device(device), "conv_grad_sq_norms"):
+        out.append("triton")
+    return out
+
+
+def cases():
+    for device in DEVICES:
+        for backend in backends_for(device):
+            yield pytest.param(device, backend, id=f"{device}-{backend}")
+
+
+def conv_module(x_shape, c_out, kw, bias=True):
+    n = len(x_shape) - 2
+    return CONV[n](x_shape[1], c_out, bias=bias, **kw).double()
+
+
+def make_inputs(x_shape, c_out, kw, device="cpu", dtype=torch.float32):
+    """Fresh x and a grad_out of the conv's output shape (computed by PyTorch itself)."""
+    x = torch.randn(*x_shape, dtype=torch.float64)
+    with torch.no_grad():
+        out_shape = conv_module(x_shape, c_out, kw)(x).shape
+    g = torch.randn(*out_shape, dtype=torch.float64)
+    return x.to(device, dtype), g.to(device, dtype)
+
+
+def reference_sq_norms(x, grad_out, kw, bias=True):
+    """||d l_i / d(W, b)||^2 with l_i = <conv(x_i), grad_out_i>, by vmap(grad) in float64."""
+    x64, g64 = x.detach().double().cpu(), grad_out.detach().double().cpu()
+    conv = conv_module(x64.shape, g64.shape[1], kw, bias)
+    params = {k: v.detach() for k, v in conv.named_parameters()}
+
+    def loss(p, xi, gi):
+        return (functional_call(conv, p, (xi.unsqueeze(0),)) * gi.unsqueeze(0)).sum()
+
+    per_example = vmap(grad(loss), in_dims=(None, 0, 0))(params, x64, g64)
+    return sum(v.flatten(1).square().sum(1) for v in per_example.values())
+
+
+# (x shape, C_out, conv kwargs). Odd sizes; strides, dilations, paddings (ints, tuples, 'same'
+# with even kernels = asymmetric, 'valid'); groups 1, 2 and C_in (depthwise, with a multiplier).
+CASES = [
+    pytest.param((3, 4, 13), 6, dict(kernel_size=3, stride=2, padding=1), id="1d-s2"),
+    pytest.param((2, 4, 11), 4, dict(kernel_size=4, padding="same", dilation=2, groups=2),
+                 id="1d-same-even-g2"),
+    pytest.param((2, 3, 9), 6, dict(kernel_size=5, padding="valid", groups=3), id="1d-valid-depthwise"),
+    pytest.param((2, 3, 7, 9), 5, dict(kernel_size=3, padding=1), id="2d-g1"),
+    pytest.param((2, 4, 9, 7), 6, dict(kernel_size=(2, 3), stride=(2, 1), padding=(1, 0), dilation=(1, 2),
+                                       groups=2), id="2d-tuples-g2"),
+    pytest.param((2, 4, 6, 7), 4, dict(kernel_size=(4, 2), padding="same", groups=4),
+                 id="2d-same-even-depthwise"),
+    pytest.param((2, 2, 5, 4), 3, dict(kernel_size=(5, 4)), id="2d-T1"),  # one output position
+    pytest.param((2, 4, 5, 6, 5), 4, dict(kernel_size=(2, 3, 2), stride=(1, 2, 1), padding=(1, 0, 1),
+                                          groups=2), id="3d-g2"),
+    pytest.param((2, 3, 4, 5, 4), 3, dict(kernel_size=2, padding="same", dilation=(1, 2, 1), groups=3),
+                 id="3d-same-depthwise"),
+]
+
+
+@pytest.mark.parametrize("device,backend", list(cases()))
+@pytest.mark.parametrize("x_shape,c_out,kw", CASES)
+@pytest.mark.parametrize("method", ["ghost", "materialize"])
+def test_matches_torch_func(device, backend, x_shape, c_out, kw, method):
+    x, g = make_inputs(x_shape, c_out, kw, device)
+    for bias in (True, False):
+        got = conv_grad_sq_norms(x, g, bias=bias, backend=backend, method=method, **kw)
+        assert got.dtype == torch.float32 and got.device == x.device and got.shape == (x_shape[0],)
+        assert_close_rel(got, reference_sq_norms(x, g, kw, bias), RTOL[torch.float32],
+                         f"{backend}/{method}/bias={bias}")
+
+
+@pytest.mark.parametrize("device,backend", list(cases()))
+def test_auto_method_and_backend(device, backend):
+    # Wide channels, few positions (ghost wins) and narrow channels, many positions (materialize wins).
+    for x_shape, c_out, kw in [((2, 16, 4, 4), 32, dict(kernel_size=3, padding=1)),
+                               ((2, 2, 12, 12), 2, dict(kernel_size=2, groups=2))]:
+        x, g = make_inputs(x_shape, c_out, kw, device)
+        expected = reference_sq_norms(x, g, kw)
+        got = conv_grad_sq_norms(x, g, backend=backend, **kw)
+        assert_close_rel(got, expected, RTOL[torch.float32], backend)
+    assert_close_rel(conv_grad_sq_norms(x, g, **kw), expected, RTOL[torch.float32], "auto backend")
+
+
+@pytest.mark.parametrize("device,backend", list(cases()))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["ghost", "materialize"])
+def test_dtypes(device, backend, dtype, method):
+    kw = dict(kernel_size=3, stride=2, padding=1, groups=2)
+    x, g = make_inputs((2, 4, 7, 6), 6, kw, device, dtype)
+    got = conv_grad_sq_norms(x, g, backend=backend, method=method, **kw)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # Reference on the same (rounded) inputs: the tolerance covers accumulation, not input rounding.
+    assert_close_rel(got, reference_sq_norms(x, g, kw), RTOL[dtype], f"{backend}/{dtype}")
+
+
+@pytest.mark.parametrize("device,backend", list(cases()))
+@pytest.mark.parametrize("method", ["ghost", "materialize"])
+def test_non_contiguous(device, backend, method):
+    kw = dict(kernel_size=(3, 2), padding=(1, 0), groups=2)
+    x = torch.randn(2, 4, 14, 9, device=device)[:, :, ::2, 1:8]  # (2, 4, 7, 7), strided H, offset W
+    g = torch.randn(2, 7, 6, 6, device=device).permute(0, 3, 1, 2)  # (2, 6, 7, 6), channel stride 1
+    assert not x.is_contiguous() and not g.is_contiguous()
+    got = conv_grad_sq_norms(x, g, backend=backend, method=method, **kw)
+    assert_close_rel(got, reference_sq_norms(x, g, kw), RTOL[torch.float32], backend)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    got = conv_grad_sq_norms(x_cl, g, backend=backend, method=method, **kw)
+    assert_close_rel(got, reference_sq_norms(x, g, kw), RTOL[torch.float32], f"{backend} channels_last")
+
+
+def test_padding_resolution_matches_pytorch():
+    # 'same' pads dilation*(k-1) in total, the odd element on the right, as F.conv does.
+    assert resolve_padding("same", (4, 3), (1, 1), (1, 2)) == [1, 2, 2, 2]
+    assert resolve_padding("valid", (4, 3), (2, 2), (1, 1)) == [0, 0, 0, 0]
+    assert resolve_padding((1, 2), (3, 3), (1, 1), (1, 1)) == [1, 1, 2, 2]
+    with pytest.raises(ValueError, match="'same' needs stride 1"):
+        resolve_padding("same", (3,), (2,), (1,))
+
+
+def test_cpu_backend_chunks_the_batch(monkeypatch):
+    kw = dict(kernel_size=3, padding=1, groups=2)
+    x, g = make_inputs((7, 4, 6, 5), 4, kw)
+    expected = reference_sq_norms(x, g, kw)
+    monkeypatch.setattr(isgd_kernels.conv, "_CPU_CHUNK_ELEMENTS", 1000)  # ~1 example per chunk
+    for method in ("ghost", "materialize"):
+        assert_close_rel(conv_grad_sq_norms(x, g, backend="cpu", method=method, **kw), expected,
+                         RTOL[torch.float32], method)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_groups_are_summed_not_mixed(device):
+    """A grouped conv is not the dense conv with zero blocks nor one big Linear: its norm only pairs
+    each group's input patches with that group's output channels."""
+    kw = dict(kernel_size=3, padding=1, groups=2)
+    x, g = make_inputs((3, 4, 5, 5), 4, kw, device, torch.float64)
+    expected = reference_sq_norms(x, g, kw)
+    dense = conv_grad_sq_norms(x, g, kernel_size=3, padding=1, groups=1, backend="torch")
+    assert not torch.allclose(dense.cpu(), expected, rtol=1e-3)
+    for backend in backends_for(device):
+        got = conv_grad_sq_norms(x, g, backend=backend, **kw)
+        assert_close_rel(got, expected, RTOL[torch.float64], backend)
+
+
+def test_empty_batch():
+    x, g = torch.randn(0, 2, 5, 5), torch.randn(0, 4, 3, 3)
+    for backend in backends_for("cpu"):
+        assert conv_grad_sq_norms(x, g, kernel_size=3, backend=backend).shape == (0,)
+
+
+# The op's own arguments: lists for kernel_size/stride/dilation, padding per side [lo_0, hi_0, ...].
+OPCHECK_CASES = [
+    pytest.param((3, 4, 13), 6, ([3], [2], [1, 1], [1], 1), id="1d"),
+    pytest.param((2, 4, 6, 7), 4, ([4, 2], [1, 1], [1, 2, 0, 1], [1, 1], 2), id="2d-same-even-g2"),
+    pytest.param((2, 4, 5, 6, 5), 4, ([2, 3, 2], [1, 2, 1], [1, 1, 0, 0, 1, 1], [1, 1, 2], 4), id="3d-dw"),
+]
+
+
+@pytest.mark.parametrize("device,backend", list(cases()))
+@pytest.mark.parametrize("x_shape,c_out,op_args", OPCHECK_CASES)
+def test_opcheck(device, backend, x_shape, c_out, op_args):
+    kernel_size, stride, padding, dilation, groups = op_args
+    x = torch.randn(*x_shape, device=device)
+    out = isgd_kernels.conv.conv_output_size(x_shape[2:], kernel_size, stride, padding, dilation)
+    g = torch.randn(x_shape[0], c_out, *out, device=device)
+    args = (x, g, kernel_size, stride, padding, dilation, groups, True, backend, "auto")
+    torch.library.opcheck(torch.ops.isgd_kernels.conv_grad_sq_norms.default, args)
+    expected = conv_grad_sq_norms_ref(x.double(), g.double(), kernel_size, stride, padding, dilation, groups)
+    assert_close_rel(torch.ops.isgd_kernels.conv_grad_sq_norms(*args), expected, RTOL[torch.float32], backend)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    kw = dict(kernel_size=3, padding="same", groups=2)
+
+    @torch.compile(fullgraph=True)
+    def norms(x, g):
+        return conv_grad_sq_norms(x, 2 * g, **kw).sqrt()
+
+    x, g = make_inputs((3, 4, 6, 5), 6, kw)
+    assert_close_rel(norms(x, g), reference_sq_norms(x, 2 * g, kw).sqrt(), RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_name_the_argument(device):
+    f = conv_grad_sq_norms
+    x, g = make_inputs((2, 4, 7, 7), 6, dict(kernel_size=3), device)
+    with pytest.raises(ValueError, match=r"x \(2, 4, 7, 7\) is a 2-D convolution input but grad_out \(2, 6"):
+        f(x, g[:, :, 0], kernel_size=3)
+    with pytest.raises(ValueError, match=r"1, 2 or 3 spatial dims, got x \(7, 7\)"):
+        f(x[0, 0], g[0, 0], kernel_size=3)
+    with pytest.raises(ValueError, match=r"kernel_size must be an int or a sequence of 2 ints"):
+        f(x, g, kernel_size=(3, 3, 3))
+    with pytest.raises(ValueError, match=r"C_in = 4 of x \(2, 4, 7, 7\) is not divisible by groups = 3"):
+        f(x, g, kernel_size=3, groups=3)
+    with pytest.raises(ValueError, match=r"C_out = 6 of grad_out \(2, 6, 5, 5\) is not divisible by groups"):
+        f(x, g, kernel_size=3, groups=4)
+    with pytest.raises(ValueError, match=r"has spatial size \(5, 5\), but a convolution.*outputs \(3, 3"):
+        f(x, g, kernel_size=3, stride=2)
+    with pytest.raises(ValueError, match=r"grad_out \(2, 6, 5, 5\).*outputs \(7, 7\)"):
+        f(x, g, kernel_size=3, padding="same")
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        f(x, g, kernel_size=9)
+    with pytest.raises(ValueError, match="differ in batch size"):
+        f(x, g[:1], kernel_size=3)
+    with pytest.raises(ValueError, match="x must be a floating-point tensor.*torch.int64"):
+        f(x.long(), g, kernel_size=3)
+    with pytest.raises(ValueError, match="grad_out must be a floating-point tensor"):
+        f(x, g.int(), kernel_size=3)
+    with pytest.raises(ValueError, match="padding must be an int.*'full'"):
+        f(x, g, kernel_size=3, padding="full")
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        f(x, g, kernel_size=3, padding=-1)
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        f(x, g, kernel_size=3, stride=0)
+    with pytest.raises(ValueError, match="groups must be a positive int"):
+        f(x, g, kernel_size=3, groups=0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        f(x, g, kernel_size=3, backend="fast")
+    with pytest.raises(ValueError, match="method must be one of"):
+        f(x, g, kernel_size=3, method="fast")
+    with pytest.raises(ValueError, match="x is on .* but grad_out is on meta"):
+        f(x, g.to("meta"), kernel_size=3)
+
+
+def test_unavailable_backends_say_so():
+    kw = dict(kernel_size=3)
+    x, g = make_inputs((2, 3, 5, 5), 4, kw)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
+        conv_grad_sq_norms(x, g, backend="cuda", **kw)
+    resolve = isgd_kernels.conv._resolve_conv_backend
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable.*needs CUDA tensors"):
+        resolve("cuda", torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="backend 'cpu' is unavailable.*needs CPU tensors"):
+        resolve("cpu", torch.device("cuda"))
+    assert resolve("auto", torch.device("cpu")) == "cpu"
+
+
+def test_mixed_dtypes_promote():
+    kw = dict(kernel_size=2, groups=2)
+    x, g = make_inputs((2, 4, 5, 5), 4, kw)
+    got = conv_grad_sq_norms(x.half(), g, backend="torch", **kw)
+    assert got.dtype == torch.float32
+    assert_close_rel(got, reference_sq_norms(x.half(), g, kw), RTOL[torch.float32])
+
+
+# ------------------------------------------------------------------------------------------ scorer
+
+class SmallCNN(nn.Module):
+    """Conv + GroupNorm + depthwise conv (reflect padding) + strided grouped conv + Linear head."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.dw = nn.Conv2d(8, 8, 3, padding="same", groups=8, padding_mode="reflect")
+        self.conv2 = nn.Conv2d(8, 6, (2, 3), stride=2, groups=2, bias=False)
+        self.head = nn.Linear(6, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.norm(self.conv1(x)))
+        h = torch.tanh(self.dw(h))
+        h = self.conv2(h)
+        return self.head(h.mean((2, 3)))
+
+
+class ResBlock(nn.Module):
+    """conv-norm-relu-conv-norm plus a 1x1 projection shortcut, residual add."""
+
+    def __init__(self, c_in=4, c=6, classes=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c, 3, padding=1, bias=False)
+        self.gn1 = nn.GroupNorm(2, c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, groups=2, bias=False)
+        self.gn2 = nn.GroupNorm(3, c)
+        self.proj = nn.Conv2d(c_in, c, 1, stride=1)
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.gn1(self.conv1(x)))
+        h = self.gn2(self.conv2(h))
+        h = torch.relu(h + self.proj(x))
+        return self.head(h.mean((2, 3)))
+
+
+class Seq1d3d(nn.Module):
+    """Conv1d (circular padding) and Conv3d (replicate padding, dilation) in one model."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 4, 3, padding=2, dilation=2, padding_mode="circular")
+        self.c3 = nn.Conv3d(1, 2, (2, 2, 3), padding=(1, 0, 1), padding_mode="replicate", groups=1)
+        self.head = nn.Linear(4 + 2, 3)
+
+    def forward(self, x):
+        a = self.c1(x.flatten(2, 3)[:, :2])           # (B, 2, 20) -> (B, 4, 20)
+        b = self.c3(x[:, :1].unsqueeze(1))            # (B, 1, 1, 4, 5) as a 3-D volume
+        return self.head(torch.cat([a.mean(2), b.flatten(2).mean(2)], 1))
+
+
+def scorer_backends():
+    out = ["torch", "cpu"]
+    if isgd_kernels.backend_available("triton", torch.device("cpu"), "conv_grad_sq_norms"):
+        out.append("triton")
+    return out
+
+
+@pytest.mark.parametrize("backend", scorer_backends())
+@pytest.mark.parametrize("model_cls,x_shape", [(SmallCNN, (4, 3, 7, 6)), (ResBlock, (3, 4, 5, 6)),
+                                               (Seq1d3d, (3, 2, 4, 5))])
+def test_scorer_matches_vmap(backend, model_cls, x_shape):
+    torch.manual_seed(0)
+    model = model_cls().double()
+    x = torch.randn(*x_shape, dtype=torch.float64)
+    y = torch.randint(0, 3, (x_shape[0],))
+    got = isgd_kernels.per_example_grad_norms(model, xent, x, y, backend=backend)
+    assert got.dtype == torch.float64
+    assert_close_rel(got, per_example_grad_norms_vmap(model, xent, x, y), 1e-10, backend)
+
+
+def test_scorer_float32_and_partially_frozen_convs():
+    torch.manual_seed(1)
+    model = SmallCNN()
+    model.conv1.weight.requires_grad_(False)  # only conv1's bias trains
+    model.dw.bias.requires_grad_(False)       # only dw's weight trains
+    x, y = torch.randn(5, 3, 7, 6), torch.randint(0, 3, (5,))
+    got = isgd_kernels.per_example_grad_norms(model, xent, x, y)
+    assert got.dtype == torch.float32
+    assert_close_rel(got, per_example_grad_norms_vmap(model.double(), xent, x.double(), y), 1e-4)
+
+
+def test_scorer_refuses_unbatched_conv_input():
+    class Unbatched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 3, 2)
+
+        def forward(self, x):  # (B, L) with B = C_in: Conv1d takes it as one unbatched (C, L) input
+            return self.conv(x)
+
+    with pytest.raises(ValueError, match=r"module 'conv' \(Conv1d\) got a 2-D input"):
+        isgd_kernels.per_example_grad_norms(Unbatched(), lambda o, t: o.sum(1), torch.randn(3, 5), None)
