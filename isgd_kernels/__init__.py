@@ -7,6 +7,7 @@
 from isgd_kernels._extension import BACKENDS, backend_available
 from isgd_kernels.cost import choose_method, use_ghost_norm
 from isgd_kernels.ops import linear_grad_sq_norms
+from isgd_kernels.conv import conv_grad_sq_norms
 from isgd_kernels.scorer import GradNormScorer, UnsupportedModuleError, per_example_grad_norms
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "UnsupportedModuleError",
     "backend_available",
     "choose_method",
+    "conv_grad_sq_norms",
     "linear_grad_sq_norms",
     "per_example_grad_norms",
     "use_ghost_norm",

@@ -226,4 +226,5 @@ def per_example_grad_norms(model: nn.Module, loss_fn: LossFn, inputs, targets, *
     return GradNormScorer(model, eval_mode=eval_mode, backend=backend).norms(inputs, targets, loss_fn)
 
 
+import isgd_kernels.conv  # noqa: E402,F401  (registers the Conv1d/2d/3d rule)
 import isgd_kernels.layer_rules  # noqa: E402,F401  (registers the Embedding and normalization-layer rules)
