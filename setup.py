@@ -11,6 +11,7 @@ build with ``pip install --no-build-isolation``.
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -51,9 +52,16 @@ def _extension():
         and os.environ.get("ISGD_FORCE_CPU", "0") != "1"
     )
     cxx_flags = ["-O3"]  # the C++ standard is torch's choice (BuildExtension sets the one its headers need)
+    link_flags = []
+    # at::parallel_for is inlined into our kernels: without -fopenmp its OpenMP pragma is ignored and
+    # every "parallel" CPU loop runs on one thread (the pytorch_scatter recipe).
+    if "backend: OpenMP" in torch.__config__.parallel_info() and sys.platform != "darwin":
+        cxx_flags += ["-fopenmp", "-DAT_PARALLEL_OPENMP"]
+        link_flags += ["-fopenmp"]
     sources = _sources("*.cpp", "cpu/*.cpp")
     if not with_cuda:
-        return CppExtension("isgd_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})
+        return CppExtension("isgd_kernels._C", sources, extra_compile_args={"cxx": cxx_flags},
+                            extra_link_args=link_flags)
     sources += _sources("cuda/*.cpp", "cuda/*.cu")
     nvcc_flags = ["-O3", "-lineinfo"] + _gencode_flags()
     return CUDAExtension(
@@ -61,6 +69,7 @@ def _extension():
         sources,
         define_macros=[("ISGD_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 
 

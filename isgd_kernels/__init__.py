@@ -8,11 +8,14 @@ from isgd_kernels._extension import BACKENDS, backend_available
 from isgd_kernels.cost import choose_method, use_ghost_norm
 from isgd_kernels.ops import linear_grad_sq_norms
 from isgd_kernels.conv import conv_grad_sq_norms
+from isgd_kernels.sampler import AliasSampler, AliasTable
 from isgd_kernels.scorer import GradNormScorer, UnsupportedModuleError, per_example_grad_norms
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AliasSampler",
+    "AliasTable",
     "BACKENDS",
     "GradNormScorer",
     "UnsupportedModuleError",
