@@ -1,6 +1,6 @@
 """Run the benchmark groups and write benchmarks/results/<device>/.
 
-    python -m benchmarks [--device cpu|cuda] [--quick] [--only scorer,linear]
+    python -m benchmarks [--device cpu|cuda] [--quick] [--only scorer,linear,sampler]
 """
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import argparse
 
 import torch
 
-from benchmarks import norms
+from benchmarks import norms, sampler_report
 
 GROUPS = {
     "scorer": (norms.run_scorer, norms.report_scorer),
     "linear": (norms.run_linear, norms.report_linear),
+    "sampler": (sampler_report.run, sampler_report.report),
 }
 
 

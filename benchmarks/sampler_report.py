@@ -207,7 +207,11 @@ def main(argv=None) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
     device = torch.device(args.device)
-    rows = run(device, args.quick)
+    report(run(device, args.quick), device)
+
+
+def report(rows: list[dict], device: torch.device) -> Path:
+    """Targets, CSV/JSON/Markdown table and chart under benchmarks/results/<device>/."""
     notes = _targets(rows, device)
     notes.append(f"ISSGD step = (rebuild every {REFRESH_EVERY} steps + {BATCH} draws per step) / steps, measured "
                  "end to end; alias draws include the importance weights, the others indices only")
@@ -221,6 +225,7 @@ def main(argv=None) -> None:
                         title=f"Alias sampler vs weighted samplers ({device.type.upper()})", notes=notes)
     plot(rows, out / "sampler.png", f"{env['device']} | torch {env['torch']} | commit {env['commit']} | {env['date']}")
     print(f"wrote {out}/sampler.csv, sampler.md, sampler.png ({device_slug(device)})")
+    return out
 
 
 if __name__ == "__main__":

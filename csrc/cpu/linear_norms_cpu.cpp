@@ -35,7 +35,8 @@ inline acc_t row_sq_sum(const scalar_t* row, int64_t n, int64_t stride) {
     return s;
   }
   // Independent lanes let the compiler vectorise the reduction without -ffast-math (a single
-  // scalar accumulator is a serial dependency chain): 1.6x on the B=8192, d=256 benchmark row.
+  // scalar accumulator is a serial dependency chain): 1.53 -> 0.24 ms single-threaded on
+  // 8192 rows of 256 fp32 (g++ -O3, x86-64 baseline SSE2).
   constexpr int kLanes = 16;
   acc_t lanes[kLanes] = {};
   int64_t j = 0;
