@@ -68,3 +68,24 @@ def backend_unavailable_reason(backend: str, device: torch.device, op: str) -> s
             return f"isgd_kernels._C has no CPU kernel for {op}; {_REBUILD_HINT}"
         return None
     return f"unknown backend '{backend}'; choose one of {('auto',) + BACKENDS}"
+
+
+# Preference order of "auto" per device type (first available wins). On CPU the C++ kernels beat
+# the reference: one fused pass for T = 1, chunked batched GEMMs (bounded memory) for T > 1.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+
+def resolve_backend(backend: str, device: torch.device, ops: tuple[str, ...],
+                    order: dict[str, tuple[str, ...]] = AUTO_ORDER) -> str:
+    """Turn "auto" into the first backend of `order[device.type]` that can run every op in `ops`;
+    check that an explicit backend can, raising an error that says how to get it otherwise."""
+    if backend == "auto":
+        for candidate in order.get(device.type, ("torch",)):
+            if all(backend_available(candidate, device, op) for op in ops):
+                return candidate
+        return "torch"
+    for op in ops:
+        reason = backend_unavailable_reason(backend, device, op)
+        if reason is not None:
+            raise RuntimeError(f"isgd_kernels: backend '{backend}' is unavailable: {reason}")
+    return backend

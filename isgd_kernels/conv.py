@@ -31,7 +31,8 @@ from torch import nn
 
 from isgd_kernels import _extension
 from isgd_kernels.cost import METHODS, choose_method
-from isgd_kernels.ops import _check_pair, _shape, resolve_backend
+from isgd_kernels._extension import resolve_backend
+from isgd_kernels.ops import _check_pair, _shape
 from isgd_kernels.reference import accumulation_dtype, linear_grad_sq_norms_ref
 from isgd_kernels.scorer import LayerCapture, register_rule
 

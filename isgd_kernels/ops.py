@@ -16,12 +16,9 @@ from collections.abc import Callable
 import torch
 
 from isgd_kernels import _extension
+from isgd_kernels._extension import resolve_backend
 from isgd_kernels.cost import METHODS, choose_method
 from isgd_kernels.reference import accumulation_dtype, linear_grad_sq_norms_ref
-
-# Preference order of "auto" per device type (first available wins). On CPU the C++ kernels beat
-# the reference: one fused pass for T = 1, chunked batched GEMMs (bounded memory) for T > 1.
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 # Low-level kernels per (backend, method). C++/CUDA ones are the extension's dispatcher ops.
 _LINEAR_CPP_OPS = {
@@ -31,25 +28,11 @@ _LINEAR_CPP_OPS = {
 }
 
 
-def resolve_backend(backend: str, device: torch.device, ops: tuple[str, ...]) -> str:
-    """Turn "auto" into a concrete backend for `device`; check an explicit one can run `ops`."""
-    if backend == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
-            if all(_extension.backend_available(candidate, device, op) for op in ops):
-                return candidate
-        return "torch"
-    for op in ops:
-        reason = _extension.backend_unavailable_reason(backend, device, op)
-        if reason is not None:
-            raise RuntimeError(f"isgd_kernels: backend '{backend}' is unavailable: {reason}")
-    return backend
-
-
 def _linear_triton(method: str) -> Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]:
     from isgd_kernels.triton import linear_norms  # imported lazily: Triton is optional
 
     return {
-        "outer": lambda x, g, bias: linear_norms.linear_sq_norms_outer_triton(x, g, bias),
+        "outer": linear_norms.linear_sq_norms_outer_triton,
         "ghost": linear_norms.linear_sq_norms_ghost_triton,
         "materialize": linear_norms.linear_sq_norms_materialize_triton,
     }[method]

@@ -68,17 +68,12 @@ _register_fakes()
 # ----------------------------------------------------------------------------------------------
 # Backend dispatch
 # ----------------------------------------------------------------------------------------------
+# "auto" for the sampler tries the CUDA C++ kernels before Triton on GPU (unlike the norm ops).
+_SAMPLER_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
 def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend == "auto":
-        order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
-        for b in order:
-            if _extension.backend_unavailable_reason(b, device, _BUILD_OP) is None:
-                return b
-        return "torch"
-    reason = _extension.backend_unavailable_reason(backend, device, _BUILD_OP)
-    if reason is not None:
-        raise RuntimeError(f"AliasTable backend '{backend}' is unavailable: {reason}")
-    return backend
+    return _extension.resolve_backend(backend, device, (_BUILD_OP,), order=_SAMPLER_AUTO_ORDER)
 
 
 def _triton_module():

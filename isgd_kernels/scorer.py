@@ -10,7 +10,7 @@ backward. Each layer's rule turns (A, G) into per-example squared norms; their s
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,7 +34,6 @@ class LayerCapture:
     inputs: tuple = ()
     output: torch.Tensor | None = None
     calls: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 # rule(capture, grad_output, backend) -> (B,) squared norm of the module's trainable direct parameters.

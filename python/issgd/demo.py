@@ -139,7 +139,7 @@ def run_demo(args) -> int:
 
     bench = [] if args.no_bench else microbenchmarks(device, args.backend, x_train, y_train)
     if bench:
-        print(f"\nMicrobenchmarks ({isgd_kernels.ops.resolve_backend(args.backend, device, ('_linear_sq_norms_outer',))} "
+        print(f"\nMicrobenchmarks ({isgd_kernels._extension.resolve_backend(args.backend, device, ('_linear_sq_norms_outer',))} "
               f"backend, {device}, {torch.get_num_threads()} threads; median times, measured side by side)")
         print(f"{'model':<26} {'batch':>5} {'provider':<30} {'ms':>9} {'x step':>7}")
         for name, batch, label, ms, ratio in bench:
