@@ -1,14 +1,75 @@
-"""The `issgd` command line."""
+"""The `issgd` command line: `issgd train`, `issgd plot`, `issgd demo`."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
+
+from issgd.data import DATASETS
+from issgd.models import MODELS
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="issgd", description="Importance-sampled SGD with isgd_kernels.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 256,256; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive widths, got {text!r}")
+    return values
 
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train with importance-sampled SGD (and/or uniform SGD), with the paper's "
+                                     "variance diagnostics", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("algorithm")
+    g.add_argument("--mode", choices=("issgd", "usgd", "both"), default="issgd",
+                   help="importance-sampled SGD, uniform SGD, or both one after the other with a comparison")
+    g.add_argument("--steps", type=int, default=2000, help="master steps (SGD updates)")
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=0.01)
+    g.add_argument("--momentum", type=float, default=0.95, help="Nesterov momentum (0: plain SGD)")
+    g.add_argument("--smoothing", type=float, default=0.1, help="c in the proposal w_i = ||g_i|| + c")
+    g.add_argument("--refresh-every", type=int, default=32,
+                   help="K: master steps between weight refreshes and parameter pushes")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", choices=DATASETS, default="digits")
+    g.add_argument("--data-dir", help="folder with the official mnist / svhn files")
+    g.add_argument("--model", choices=MODELS, default="mlp")
+    g.add_argument("--hidden", type=_int_list, default=(256, 256), help="MLP hidden widths")
+    g = p.add_argument_group("scoring")
+    g.add_argument("--workers", type=int, default=0,
+                   help="scoring worker processes to spawn (0: score inline); ignored under torchrun, where "
+                        "ranks 1.. are the workers")
+    g.add_argument("--chunk-size", type=int, default=2048, help="examples a scorer scores per chunk")
+    g.add_argument("--worker-threads", type=int, default=1, help="CPU threads per scoring worker")
+    g.add_argument("--master-threads", type=int, default=None,
+                   help="CPU threads of the master (default: torch's, or the cores the workers leave free)")
+    g.add_argument("--worker-timeout", type=float, default=60.0,
+                   help="seconds without norms for the latest parameters before a worker is reported as silent")
+    g = p.add_argument_group("diagnostics, checkpoints, output")
+    g.add_argument("--diag-every", type=int, default=100, help="steps between diagnostics (0: none)")
+    g.add_argument("--diag-examples", type=int, default=10000,
+                   help="diagnostics use the whole training set up to this size, else a fixed random subset")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: none)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from a checkpoint (default: OUT/checkpoint.pt)")
+    g.add_argument("--out", default="runs/issgd", help="output folder (metrics.jsonl, plots, summary)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--backend", default="auto", help="kernel backend: auto|triton|cuda|cpu|torch")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("-v", "--verbose", action="store_true")
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="plot the metrics of finished runs")
+    p.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files) written by `issgd train`")
+    p.add_argument("--out", default="runs/plot.png", help="PNG file to write")
+
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="score per-example gradient norms on the digits data set and "
                                        "benchmark the scorer against a training step")
     demo.add_argument("--epochs", type=int, default=6, help="uniform-SGD epochs to train (default: 6)")
@@ -20,13 +81,102 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--backend", default="auto", help="kernel backend: auto|triton|cuda|cpu|torch")
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
 
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from issgd.demo import run_demo
 
-        if args.epochs < 0 or args.batch_size < 1 or args.lr <= 0:
-            parser.error("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
-        sys.exit(run_demo(args))
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="issgd", description="Importance-sampled SGD with isgd_kernels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_plot(sub)
+    _add_demo(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        sys.exit(_train(parser, args))
+    if args.command == "plot":
+        sys.exit(_plot(parser, args))
+    from issgd.demo import run_demo
+
+    if args.epochs < 0 or args.batch_size < 1 or args.lr <= 0:
+        parser.error("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
+    sys.exit(run_demo(args))
+
+
+def _train(parser: argparse.ArgumentParser, args) -> int:
+    from issgd.compare import run_comparison
+    from issgd.distributed import launched_by_torchrun, run_worker
+    from issgd.trainer import TrainConfig, Trainer
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    fields = ("steps", "batch_size", "lr", "momentum", "smoothing", "refresh_every", "dataset", "data_dir", "model",
+              "hidden", "workers", "chunk_size", "worker_threads", "master_threads", "worker_timeout", "diag_every",
+              "diag_examples", "checkpoint_every", "resume", "out", "seed", "device", "backend")
+    values = {f: getattr(args, f) for f in fields}
+    try:
+        config = TrainConfig(mode="issgd" if args.mode == "both" else args.mode, progress=not args.no_progress,
+                             **values).validate()
+    except ValueError as exc:
+        parser.error(str(exc).replace("refresh-every", "--refresh-every"))
+    if args.mode == "both" and args.resume:
+        parser.error("--resume continues one run: resume OUT/issgd or OUT/usgd with --mode issgd|usgd")
+    if launched_by_torchrun():
+        import os
+
+        if args.mode != "issgd":
+            parser.error("under torchrun use --mode issgd (ranks 1.. are its scoring workers)")
+        if int(os.environ["RANK"]) != 0:
+            run_worker(config)
+            return 0
+    try:
+        if args.mode == "both":
+            result = run_comparison(config)
+            print("\n" + result["text"])
+            print(f"\nwrote {Path(config.out) / 'compare.png'}, summary.md, summary.json and per-run metrics "
+                  f"under {config.out}/usgd and {config.out}/issgd")
+        else:
+            from issgd.report import plot_runs, table
+
+            trainer = Trainer(config)
+            summary = trainer.run()
+            plot_runs({config.mode: trainer.records}, Path(config.out) / "metrics.png") if trainer.records else None
+            print("\n" + table({config.mode: summary}))
+            print(f"\nwrote {config.out}/metrics.jsonl, metrics.png and summary.json")
+    except (FileNotFoundError, ValueError, FloatingPointError) as exc:
+        print(f"issgd train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _plot(parser: argparse.ArgumentParser, args) -> int:
+    from issgd.report import plot_runs, read_metrics
+
+    runs = {}
+    for run in args.runs:
+        try:
+            records = read_metrics(run)
+        except FileNotFoundError as exc:
+            parser.error(str(exc))
+        if not records:
+            parser.error(f"{run}: no records yet")
+        mode = json_mode(run)
+        runs[mode if mode not in runs else str(run)] = records
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    print(f"wrote {plot_runs(runs, args.out)}")
+    return 0
+
+
+def json_mode(run: str) -> str:
+    """The mode a run folder was trained with (from its summary.json), else the folder name."""
+    import json
+
+    summary = Path(run) / "summary.json"
+    if summary.exists():
+        return json.loads(summary.read_text()).get("config", {}).get("mode", Path(run).name)
+    return Path(run).name
 
 
 if __name__ == "__main__":

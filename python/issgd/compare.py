@@ -1,0 +1,61 @@
+"""ISSGD against uniform SGD: the same job run twice, then one table and one figure."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from issgd.report import comparison, plot_runs, table
+from issgd.trainer import TrainConfig, Trainer
+
+
+def default_master_threads(config: TrainConfig) -> int | None:
+    """With scoring workers on this machine's CPU, the master keeps the cores they leave free."""
+    if config.master_threads is not None or config.workers == 0 or not config.device.startswith("cpu"):
+        return config.master_threads
+    return max(1, (os.cpu_count() or 1) - config.workers * config.worker_threads)
+
+
+def run_comparison(config: TrainConfig) -> dict:
+    """Runs ``usgd`` then ``issgd`` (same seed, initial parameters, threads and everything else;
+    uniform SGD needs no scoring workers) under ``config.out``/<mode>; writes ``compare.png``,
+    ``summary.md`` and ``summary.json`` there and returns the summary."""
+    out = Path(config.out)
+    threads = default_master_threads(config)
+    summaries, runs = {}, {}
+    for mode in ("usgd", "issgd"):
+        cfg = replace(config, mode=mode, out=str(out / mode), master_threads=threads,
+                      workers=config.workers if mode == "issgd" else 0)
+        trainer = Trainer(cfg)
+        summaries[mode] = trainer.run()
+        runs[mode] = trainer.records
+    result = {"runs": summaries, "comparison": comparison(runs)}
+    (out / "summary.json").write_text(json.dumps(result, indent=1))
+    text = table(summaries) + "\n\n" + comparison_text(result["comparison"], summaries)
+    (out / "summary.md").write_text(text + "\n")
+    plot_runs(runs, out / "compare.png", title=f"ISSGD vs uniform SGD on {config.dataset} ({config.model}, "
+                                               f"{config.workers} scoring workers, c = {config.smoothing})")
+    result["text"] = text
+    return result
+
+
+def comparison_text(c: dict, summaries: dict) -> str:
+    lines = [f"- mean √TrΣ, actual ISSGD / uniform along the ISSGD run: {c['issgd_mean_ratio_actual_to_uniform']:.3f}",
+             f"- mean √TrΣ, ideal ISSGD / uniform along the ISSGD run: {c['issgd_mean_ratio_ideal_to_uniform']:.3f}"]
+    if c["issgd_steps_to_usgd_final_loss"] is None:
+        lines.append(f"- ISSGD did not reach uniform SGD's final training loss ({c['usgd_final_train_loss']:.4f}) "
+                     f"within {c['usgd_steps']} steps")
+    else:
+        lines.append(f"- ISSGD reached uniform SGD's final training loss ({c['usgd_final_train_loss']:.4f}) at step "
+                     f"{c['issgd_steps_to_usgd_final_loss']} of {c['usgd_steps']}: {c['steps_ratio']:.2f}x the steps")
+    s = summaries["issgd"]
+    if s.get("scoring_examples_per_second"):
+        lines.append(f"- scoring: {s['workers']} workers scored {s['scored_examples']} examples "
+                     f"({s['scoring_examples_per_second']:.0f}/s of training time, "
+                     f"{s['scoring_examples_per_worker_second']:.0f}/s per busy worker); master sync time "
+                     f"{s['sync_seconds']:.2f} s; mean staleness {s['mean_staleness']:.1f} steps")
+    lines.append(f"- master throughput: ISSGD {s['steps_per_second']:.0f} steps/s, uniform SGD "
+                 f"{summaries['usgd']['steps_per_second']:.0f} steps/s (ratio "
+                 f"{s['steps_per_second'] / summaries['usgd']['steps_per_second']:.2f})")
+    return "\n".join(lines)

@@ -1,0 +1,301 @@
+"""The reference ISSGD trainer (DESIGN.md section 2): importance-sampled SGD as in Alain et al.
+
+Every ``refresh_every`` (K) master steps the master takes in the norms the scorers have produced
+(inline, or from the distributed workers), turns them into weights w_i = ||g_i|| + c, rebuilds the
+alias table and publishes its parameters. Each step draws a batch of M examples with replacement
+from q_i = w_i / sum_j w_j and minimizes mean_m (l_{i_m} / (N q_{i_m})): an unbiased estimate of
+the full-batch gradient whatever the (positive) weights. ``mode="usgd"`` draws uniformly (with
+replacement) and is the same in every other respect.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import isgd_kernels
+from issgd.data import load_dataset
+from issgd.diagnostics import loss_and_error, variance_diagnostics
+from issgd.distributed import ScoringPool, launched_by_torchrun
+from issgd.models import build_model
+from issgd.scoring import XENT, ChunkCursor, ScoreBoard
+
+log = logging.getLogger("issgd")
+
+MODES = ("issgd", "usgd")
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "issgd"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    model: str = "mlp"
+    hidden: tuple[int, ...] = (256, 256)
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.95
+    smoothing: float = 0.1
+    refresh_every: int = 32
+    workers: int = 0
+    chunk_size: int = 2048
+    worker_threads: int = 1
+    master_threads: int | None = None
+    worker_timeout: float = 60.0
+    diag_every: int = 100
+    diag_examples: int = 10000
+    checkpoint_every: int = 0
+    resume: str | None = None
+    out: str = "runs/issgd"
+    seed: int = 0
+    device: str = "cpu"
+    backend: str = "auto"
+    progress: bool = True
+    slow_workers: tuple[tuple[int, float], ...] = field(default=())  # (rank, seconds per chunk): fault tests
+
+    def validate(self) -> "TrainConfig":
+        checks = [(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
+                  (self.steps >= 0, "steps must be >= 0"), (self.batch_size >= 1, "batch size must be >= 1"),
+                  (self.lr > 0, "lr must be > 0"), (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+                  (self.smoothing >= 0, "smoothing must be >= 0"), (self.refresh_every >= 1, "refresh-every must be >= 1"),
+                  (self.workers >= 0, "workers must be >= 0"), (self.chunk_size >= 1, "chunk size must be >= 1"),
+                  (self.diag_every >= 0, "diag-every must be >= 0"), (self.diag_examples >= 1, "diag-examples must be >= 1"),
+                  (self.checkpoint_every >= 0, "checkpoint-every must be >= 0"),
+                  (self.worker_threads >= 1, "worker threads must be >= 1"),
+                  (self.master_threads is None or self.master_threads >= 1, "master threads must be >= 1")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+
+class Trainer:
+    """Runs one training job; ``run()`` returns its summary. ``on_step(trainer, step, index)`` is
+    called after every master step with the batch's example indices (used by tests)."""
+
+    def __init__(self, config: TrainConfig, *, on_step=None):
+        self.config = config.validate()
+        self.on_step = on_step
+        self.out = Path(config.out)
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda, but torch sees no CUDA device")
+        self.distributed = launched_by_torchrun()
+        self.workers = int(os.environ["WORLD_SIZE"]) - 1 if self.distributed else config.workers
+        if config.master_threads is not None:
+            torch.set_num_threads(config.master_threads)
+        torch.manual_seed(config.seed)
+        self.data = load_dataset(config.dataset, data_dir=config.data_dir, flatten=config.model == "mlp",
+                                 seed=config.seed).to(self.device)
+        self.n = len(self.data.x_train)
+        self.model = build_model(config.model, self.data.image_shape, self.data.classes, config.hidden).to(self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
+                                         nesterov=config.momentum > 0)
+        self.scorer = isgd_kernels.GradNormScorer(self.model, backend=config.backend)
+        self.board = ScoreBoard(self.n, config.smoothing)
+        self.cursor = ChunkCursor(torch.arange(self.n), config.chunk_size)  # inline scoring (workers = 0)
+        self.generator = torch.Generator(self.device).manual_seed(config.seed + 1)
+        self.table: isgd_kernels.AliasTable | None = None
+        self.pool: ScoringPool | None = None
+        self.step = 0
+        self.seconds = 0.0  # training wall-clock: excludes diagnostics and checkpoints
+        self.records: list[dict] = []
+        self._losses: list[torch.Tensor] = []
+        diag = torch.randperm(self.n, generator=torch.Generator().manual_seed(config.seed + 2))
+        self.diag_index = diag[:config.diag_examples].sort().values.to(self.device)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            self._load_checkpoint(Path(cfg.resume) if cfg.resume != "auto" else self.out / CHECKPOINT)
+        else:
+            (self.out / METRICS).write_text("")
+        try:
+            if cfg.mode == "issgd" and self.workers > 0:
+                kw = {"worker_timeout": cfg.worker_timeout}
+                self.pool = (ScoringPool.from_torchrun(self.device, **kw) if self.distributed
+                             else ScoringPool.spawn(cfg, self.workers, self.device, **kw))
+                self.pool.start(self.model, self.step)
+            if self.step == 0 and cfg.diag_every:
+                self._diagnose()
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.mode, unit="step", disable=not cfg.progress,
+                       dynamic_ncols=True, mininterval=0.5)
+            with bar:
+                tick = time.perf_counter()
+                while self.step < cfg.steps:
+                    self._train_step()
+                    if (cfg.diag_every and self.step % cfg.diag_every == 0) or self.step == cfg.steps or (
+                            cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                        self.seconds += time.perf_counter() - tick
+                        if cfg.diag_every and (self.step % cfg.diag_every == 0 or self.step == cfg.steps):
+                            rec = self._diagnose()
+                            bar.set_postfix(loss=f"{rec['train_loss']:.4f}", valid_err=f"{rec['valid_error']:.3f}",
+                                            refresh=False)
+                        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                            self._save_checkpoint()
+                        tick = time.perf_counter()
+                    bar.update(1)
+        finally:
+            if self.pool is not None:
+                self.pool.close()
+        summary = self.summary()
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def _train_step(self) -> None:
+        if self.config.mode == "issgd" and (self.step % self.config.refresh_every == 0 or self.table is None):
+            self._refresh()
+        index, iw = self.draw_batch()
+        self.model.train()
+        losses = XENT(self.model(self.data.x_train[index]), self.data.y_train[index])
+        loss = self.batch_loss(losses, iw)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self._losses.append(losses.detach().mean())
+        self.step += 1
+        if self.on_step is not None:
+            self.on_step(self, self.step - 1, index)
+
+    def draw_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """M example indices drawn with replacement, with their loss scales 1/(N q_i) (None: uniform)."""
+        if self.config.mode == "issgd":
+            return self.table.sample_with_weights(self.config.batch_size, generator=self.generator)
+        return torch.randint(self.n, (self.config.batch_size,), generator=self.generator, device=self.device), None
+
+    @staticmethod
+    def batch_loss(losses: torch.Tensor, iw: torch.Tensor | None) -> torch.Tensor:
+        """mean_m l_{i_m} / (N q_{i_m}): its gradient is an unbiased estimate of the full gradient."""
+        return losses.mean() if iw is None else (losses * iw).mean()
+
+    def _refresh(self) -> None:
+        """Take in new norms, rebuild the alias table, publish the parameters (every K steps)."""
+        if self.pool is not None:
+            for result in self.pool.collect():
+                self.board.update(result.index, result.norms, result.version)
+            self.pool.publish(self.model, self.step)
+        else:
+            index = self.cursor.next()
+            dev_index = index.to(self.device)
+            norms = self.scorer.norms(self.data.x_train[dev_index], self.data.y_train[dev_index], XENT)
+            self.board.update(index, norms, self.step)
+        weights = self.board.weights().to(self.device)
+        if self.table is None:
+            self.table = isgd_kernels.AliasTable(weights, backend=self.config.backend)
+        else:
+            self.table.rebuild_(weights)
+
+    # ------------------------------------------------------------------ diagnostics
+    def _diagnose(self) -> dict:
+        cfg = self.config
+        x, y = self.data.x_train[self.diag_index], self.data.y_train[self.diag_index]
+        weights = (self.board.weights() if cfg.mode == "issgd" else torch.ones(self.n, dtype=torch.float64))
+        rec = {"step": self.step, "epoch": self.step * cfg.batch_size / self.n, "seconds": self.seconds}
+        rec.update(variance_diagnostics(self.model, self.scorer, x, y, weights.to(self.device)[self.diag_index]))
+        was_training = self.model.training
+        self.model.eval()
+        rec["train_loss"], rec["train_error"] = loss_and_error(self.model, x, y)
+        rec["valid_loss"], rec["valid_error"] = loss_and_error(self.model, self.data.x_valid, self.data.y_valid)
+        self.model.train(was_training)
+        rec["batch_loss"] = float(torch.stack(self._losses).mean()) if self._losses else float("nan")
+        self._losses.clear()
+        if cfg.mode == "issgd":
+            rec.update(self.board.staleness(self.step))
+        if self.pool is not None:
+            rec.update(sync_seconds=self.pool.sync_seconds, scored_examples=self.pool.scored_examples,
+                       workers_alive=len(self.pool.alive()))
+        if not all(map(_finite, (rec["train_loss"], rec["sqrt_tr_uniform"]))):
+            raise FloatingPointError(f"training diverged at step {self.step} (train loss {rec['train_loss']}); "
+                                     "lower --lr or raise --smoothing")
+        self.records.append(rec)
+        with open(self.out / METRICS, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        return rec
+
+    def summary(self) -> dict:
+        cfg = self.config
+        recs = [r for r in self.records if r["step"] > 0] or self.records
+        last = self.records[-1] if self.records else {}
+        out = {"config": asdict(cfg), "steps": self.step, "train_seconds": self.seconds,
+               "steps_per_second": self.step / self.seconds if self.seconds else float("nan"),
+               "final": last, "mean_sqrt_tr_uniform": _mean(r.get("sqrt_tr_uniform") for r in recs),
+               "mean_ratio_ideal_to_uniform": _mean(_ratio(r, "sqrt_tr_ideal") for r in recs),
+               "mean_ratio_actual_to_uniform": _mean(_ratio(r, "sqrt_tr_actual") for r in recs),
+               "mean_staleness": _mean(r.get("staleness_mean") for r in recs) if cfg.mode == "issgd" else None,
+               "device": str(self.device), "workers": self.workers if cfg.mode == "issgd" else 0,
+               "torch": torch.__version__}
+        if self.pool is not None:
+            busy = sum(self.pool.worker_seconds.values())
+            out.update(sync_seconds=self.pool.sync_seconds, scored_examples=self.pool.scored_examples,
+                       scoring_examples_per_second=self.pool.scored_examples / self.seconds if self.seconds else None,
+                       scoring_examples_per_worker_second=self.pool.scored_examples / busy if busy else None)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self) -> None:
+        state = {"config": asdict(self.config), "step": self.step, "seconds": self.seconds,
+                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "board": self.board.state_dict(), "cursor": self.cursor.position,
+                 "rng": {"torch": torch.get_rng_state(), "sampler": self.generator.get_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                 "losses": [float(x) for x in self._losses], "records": self.records}
+        path = self.out / CHECKPOINT
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
+
+    def _load_checkpoint(self, path: Path) -> None:
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path} (written by --checkpoint-every)")
+        state = torch.load(path, map_location=self.device)
+        saved = state["config"]
+        for key in ("mode", "dataset", "model", "hidden", "batch_size", "smoothing", "refresh_every", "seed"):
+            if _as_plain(saved[key]) != _as_plain(getattr(self.config, key)):
+                raise ValueError(f"--resume: checkpoint {path} was written with {key}={saved[key]!r}, "
+                                 f"this run has {key}={getattr(self.config, key)!r}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.board.load_state_dict(state["board"])
+        self.cursor.position = state["cursor"]
+        self.step, self.seconds = state["step"], state["seconds"]
+        torch.set_rng_state(state["rng"]["torch"])
+        self.generator.set_state(state["rng"]["sampler"].cpu() if self.device.type == "cpu" else state["rng"]["sampler"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self._losses = [torch.tensor(x) for x in state["losses"]]
+        self.records = state["records"]
+        if self.config.mode == "issgd" and self.step % self.config.refresh_every != 0:
+            # The table is a pure function of the weights: rebuild it exactly as it was.
+            self.table = isgd_kernels.AliasTable(self.board.weights().to(self.device), backend=self.config.backend)
+        with open(self.out / METRICS, "w") as f:  # drop what was logged after the checkpoint
+            f.writelines(json.dumps(r) + "\n" for r in self.records)
+        log.info("resumed from %s at step %d", path, self.step)
+
+
+def _ratio(record: dict, key: str) -> float | None:
+    return record[key] / record["sqrt_tr_uniform"] if key in record and record["sqrt_tr_uniform"] > 0 else None
+
+
+def _mean(values) -> float:
+    """Mean of the finite values (NaN when there are none)."""
+    kept = [v for v in values if v is not None and _finite(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+def _as_plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
