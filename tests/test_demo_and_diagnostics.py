@@ -1,4 +1,4 @@
-"""The `issgd demo` main job end to end (tiny), and the variance diagnostics against brute force."""
+"""`issgd demo` end to end (tiny), and the variance diagnostics against brute force."""
 import json
 
 import pytest

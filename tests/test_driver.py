@@ -5,7 +5,6 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-
 from issgd.scoring import shard_of
 from issgd.trainer import TrainConfig, Trainer
 
@@ -14,8 +13,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 
 def config(tmp_path, **kw) -> TrainConfig:
-    base = dict(dataset="synthetic", hidden=(16,), batch_size=32, refresh_every=4, workers=2, chunk_size=256,
-                diag_every=0, progress=False, master_threads=1, out=str(tmp_path / "run"))
+    base = {"dataset": "synthetic", "hidden": (16,), "batch_size": 32, "refresh_every": 4, "workers": 2,
+            "chunk_size": 256, "diag_every": 0, "progress": False, "master_threads": 1, "out": str(tmp_path / "run")}
     base.update(kw)
     return TrainConfig(**base)
 
@@ -93,8 +92,9 @@ def test_master_keeps_stepping_while_a_worker_is_slow(tmp_path):
 
 def test_workers_score_with_the_published_parameters(tmp_path):
     """Norms that come back match the master's own scoring with the parameters of their version."""
-    import isgd_kernels
     from issgd.scoring import XENT
+
+    import isgd_kernels
 
     snapshots = {}
 

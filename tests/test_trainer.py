@@ -5,8 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch.func import functional_call, grad, vmap
-
 from issgd.cli import main
 from issgd.data import MNIST_FILES, SVHN_FILES, load_dataset
 from issgd.diagnostics import variance_diagnostics
@@ -14,13 +12,14 @@ from issgd.distributed import pack_parameters, unpack_parameters_into
 from issgd.models import build_model
 from issgd.scoring import WEIGHT_FLOOR, XENT, ChunkCursor, ScoreBoard, ScoreResult
 from issgd.trainer import TrainConfig, Trainer
+from torch.func import functional_call, grad, vmap
 
 import isgd_kernels
 
 
 def tiny_config(tmp_path, **kw) -> TrainConfig:
-    base = dict(dataset="synthetic", hidden=(8,), steps=40, batch_size=16, diag_every=20, progress=False,
-                out=str(tmp_path / "run"), chunk_size=700)
+    base = {"dataset": "synthetic", "hidden": (8,), "steps": 40, "batch_size": 16, "diag_every": 20,
+            "progress": False, "out": str(tmp_path / "run"), "chunk_size": 700}
     base.update(kw)
     return TrainConfig(**base)
 
@@ -162,7 +161,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
             batches.setdefault(name, {})[step] = index.clone()
         return hook
 
-    kw = dict(steps=60, refresh_every=8, checkpoint_every=24, diag_every=12, chunk_size=300)
+    kw = {"steps": 60, "refresh_every": 8, "checkpoint_every": 24, "diag_every": 12, "chunk_size": 300}
     full = Trainer(tiny_config(tmp_path, out=str(tmp_path / "a"), **kw), on_step=record("full"))
     full.run()
     # A run that dies after its step-24 checkpoint (at step 36), then is resumed to the end.
@@ -175,7 +174,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     for p, q in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(p, q)
     drop = ("seconds",)
-    lines = lambda run: [{k: v for k, v in json.loads(s).items() if k not in drop}  # noqa: E731
+    lines = lambda run: [{k: v for k, v in json.loads(s).items() if k not in drop}
                          for s in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
     assert lines("a") == lines("b") and len(lines("a")) == 6
 

@@ -1,5 +1,5 @@
 """issgd: the reference importance-sampled SGD trainer built on isgd_kernels.
 
-Command line: `issgd demo` (or `python -m issgd demo`).
+Command line: `issgd train`, `issgd plot`, `issgd demo` (or `python -m issgd ...`).
 """
 __version__ = "0.1.0"

@@ -40,7 +40,7 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
-    def to(self, device) -> "Dataset":
+    def to(self, device) -> Dataset:
         return Dataset(self.name, self.x_train.to(device), self.y_train.to(device), self.x_valid.to(device),
                        self.y_valid.to(device), self.image_shape, self.classes)
 

@@ -20,10 +20,10 @@ from torch.utils import benchmark
 from tqdm import tqdm
 
 import isgd_kernels
+from isgd_kernels.reference import per_example_grad_norms_loop, per_example_grad_norms_vmap
 from issgd.data import load_digits
 from issgd.diagnostics import sqrt_trace_covariances
 from issgd.models import mlp, paper_mlp
-from isgd_kernels.reference import per_example_grad_norms_loop, per_example_grad_norms_vmap
 
 XENT = nn.CrossEntropyLoss(reduction="none")
 

@@ -129,7 +129,7 @@ class ScoringPool:
 
     # ---------------------------------------------------------------- start-up
     @classmethod
-    def spawn(cls, config, workers: int, device: torch.device, **kwargs) -> "ScoringPool":
+    def spawn(cls, config, workers: int, device: torch.device, **kwargs) -> ScoringPool:
         """Start ``workers`` scoring processes on this machine and become rank 0."""
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(workers + 1),
                           RANK="0")
@@ -139,7 +139,7 @@ class ScoringPool:
         return cls(store, workers, processes=ctx.processes, **kwargs)
 
     @classmethod
-    def from_torchrun(cls, device: torch.device, **kwargs) -> "ScoringPool":
+    def from_torchrun(cls, device: torch.device, **kwargs) -> ScoringPool:
         world_size = int(os.environ["WORLD_SIZE"])
         return cls(connect(0, world_size, device), world_size - 1, **kwargs)
 
@@ -203,8 +203,8 @@ class ScoringPool:
         self._closed = True
         try:
             self.store.set(KEY_STOP, "1")
-        except Exception:  # noqa: BLE001  (the store is ours; failing to signal must not mask an error)
-            pass
+        except Exception as exc:  # noqa: BLE001  (failing to signal must not mask the error being raised)
+            log.debug("could not signal the workers to stop: %s", exc)
         deadline = time.time() + timeout
         for proc in self.processes or []:
             proc.join(max(0.0, deadline - time.time()))
@@ -236,6 +236,7 @@ def run_worker(config) -> None:
     device = rank_device(config.device, rank)
     if device.type == "cpu":
         torch.set_num_threads(config.worker_threads)
+        os.nice(max(0, WORKER_NICE - os.nice(0)))  # torchrun-launched workers were not niced yet
     store = connect(rank, world_size, device)
     try:
         data = load_dataset(config.dataset, data_dir=config.data_dir, flatten=config.model == "mlp",

@@ -27,7 +27,7 @@ def comparison(runs: dict[str, list[dict]]) -> dict:
     target = usgd[-1]["train_loss"]
     reached = steps_to_reach(issgd, target)
     points = [r for r in issgd if r["step"] > 0 and r["sqrt_tr_uniform"] > 0]
-    avg = lambda key: sum(r[key] / r["sqrt_tr_uniform"] for r in points) / len(points) if points else float("nan")  # noqa: E731
+    avg = lambda key: sum(r[key] / r["sqrt_tr_uniform"] for r in points) / len(points) if points else float("nan")
     return {"usgd_final_train_loss": target, "usgd_steps": usgd[-1]["step"],
             "issgd_steps_to_usgd_final_loss": reached,
             "steps_ratio": reached / usgd[-1]["step"] if reached is not None and usgd[-1]["step"] else None,

@@ -134,7 +134,7 @@ class ScoreResult:
                 + self.norms.detach().cpu().numpy().astype("<f4").tobytes())
 
     @classmethod
-    def from_bytes(cls, payload: bytes) -> "ScoreResult":
+    def from_bytes(cls, payload: bytes) -> ScoreResult:
         rank, version, n, seconds = cls._HEADER.unpack_from(payload)
         offset = cls._HEADER.size
         if len(payload) != offset + 12 * n:

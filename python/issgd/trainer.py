@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -62,7 +63,7 @@ class TrainConfig:
     progress: bool = True
     slow_workers: tuple[tuple[int, float], ...] = field(default=())  # (rank, seconds per chunk): fault tests
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         checks = [(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
                   (self.steps >= 0, "steps must be >= 0"), (self.batch_size >= 1, "batch size must be >= 1"),
                   (self.lr > 0, "lr must be > 0"), (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
@@ -294,7 +295,7 @@ def _mean(values) -> float:
 
 
 def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
+    return math.isfinite(x)
 
 
 def _as_plain(value):
