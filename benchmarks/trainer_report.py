@@ -19,8 +19,10 @@ from benchmarks.harness import write_results
 WORKERS = (0, 1, 2)
 
 
-def run(device: str = "cpu", quick: bool = False, dataset: str = "digits", model: str = "mlp") -> list[dict]:
+def run(device="cpu", quick: bool = False, dataset: str = "digits", model: str = "mlp") -> list[dict]:
     from issgd.trainer import TrainConfig, Trainer
+
+    device = str(device)
 
     steps = 1500 if quick else 4000
     rows = []

@@ -13,4 +13,6 @@ time python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.lo
 python3 -c "import isgd_kernels as ik, torch; d=torch.device('cuda'); print({b: ik.backend_available(b, d, '_linear_sq_norms_ghost') for b in ik.BACKENDS})"
 python3 -m pytest tests -q -x 2>&1 | tee "$OUT/tests.log" | tail -15
 python3 -m benchmarks --device cuda ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
+# The trainer on the GPU: ISSGD vs uniform SGD with 2 scoring workers sharing it.
+python3 -m issgd train --mode both --workers 2 --device cuda --no-progress --out "$OUT/train_cuda" 2>&1 | tee "$OUT/train.log" | tail -15
 tar czf "$OUT/results.tgz" benchmarks/results
