@@ -183,6 +183,82 @@ def test_matches_reference_table_exactly_triton():
         assert torch.equal(t0, t1) and torch.equal(a0, a1) and float(m0) == float(m1), name
 
 
+_HAS_CPU_BUILD = _extension.backend_unavailable_reason("cpu", torch.device("cpu"), "_alias_build") is None
+needs_cpu_build = pytest.mark.skipif(not _HAS_CPU_BUILD, reason="C++ CPU kernels not built")
+
+
+@pytest.fixture
+def num_threads():
+    """Sets torch's intra-op thread count for one test and restores it afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+# The CPU build splits the merged light/heavy sequence into chunks of >= 2^16 items, swept in
+# interleaved pairs by up to one thread per 2^18 items: 3 * 2^16 + 1 gives one thread and two chunks,
+# 2^20 + 4097 up to 16 chunks in 8 pairs (2 or 4 threads), with boundaries inside words and blocks.
+CHUNKED_SIZES = [3 * 2**16 + 1, 2**20 + 4097]
+
+
+@needs_cpu_build
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("n", CHUNKED_SIZES)
+def test_chunked_cpu_build(num_threads, threads, n):
+    """Every chunk boundary joins up: the table is valid on adversarial weights, and identical from
+    one build to the next although chunk pairs go to whichever thread claims them first."""
+    num_threads(threads)
+    g = torch.Generator().manual_seed(n + threads)
+    for name, w in _cases(n, g):
+        t, a, mean = alias_build(w, backend="cpu")
+        _check_table(w, t, a, f"cpu N={n} threads={threads} {name}")
+        assert math.isclose(float(mean), float(w.double().mean()), rel_tol=1e-12)
+        t2, a2, _ = alias_build(w, backend="cpu")
+        assert torch.equal(t, t2) and torch.equal(a, a2), f"{name}: two builds differ"
+
+
+@needs_cpu_build
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1000, 2**20 + 4097])
+def test_cpu_build_weight_dtypes(num_threads, dtype, n):
+    num_threads(2)
+    g = torch.Generator().manual_seed(7)
+    w = (torch.rand(n, generator=g) ** 4 + 0.01).to(dtype)
+    w[::5] = 0
+    t, a, _ = alias_build(w, backend="cpu")
+    _check_table(w, t, a, f"{dtype} N={n}")
+
+
+@needs_cpu_build
+@pytest.mark.parametrize("n", [1, 1000, 2**20 + 4097])
+def test_cpu_build_into_int64_alias(num_threads, n):
+    """int64 alias buffers (what N >= 2^31 needs) take the same build, with indices found bit by bit."""
+    num_threads(2)
+    g = torch.Generator().manual_seed(n)
+    w = _power(n, 1.0, True, g)
+    t = torch.empty(n, dtype=torch.float64)
+    a = torch.empty(n, dtype=torch.int64)
+    mean = torch.ops.isgd_kernels._alias_build_into(w, t, a)
+    _check_table(w, t, a, f"int64 alias N={n}")
+    t32, a32, mean32 = alias_build(w, backend="cpu")
+    assert torch.equal(t, t32) and torch.equal(a, a32.long()) and float(mean) == float(mean32)
+
+
+@needs_cpu_build
+def test_rebuild_in_place_matches_fresh_build(num_threads):
+    num_threads(2)
+    g = torch.Generator().manual_seed(1)
+    n = 2**20 + 4097
+    w1, w2 = torch.rand(n, generator=g) ** 3, torch.rand(n, generator=g) ** 4 + 0.01
+    table = AliasTable(w1, backend="cpu")
+    ptr = table.threshold.data_ptr()
+    table.rebuild_(w2)
+    fresh = AliasTable(w2, backend="cpu")
+    assert table.threshold.data_ptr() == ptr
+    assert torch.equal(table.threshold, fresh.threshold) and torch.equal(table.alias, fresh.alias)
+    assert float(table.mean) == float(fresh.mean)
+
+
 def test_large_n_beyond_float32_categories():
     """N = 2^24 + 1 (torch.multinomial's limit is 2^24): the last item must be reachable."""
     n = 2**24 + 1
