@@ -195,10 +195,11 @@ def num_threads():
     torch.set_num_threads(before)
 
 
-# The CPU build splits the merged light/heavy sequence into chunks of >= 2^16 items, swept in
-# interleaved pairs by up to one thread per 2^18 items: 3 * 2^16 + 1 gives one thread and two chunks,
-# 2^20 + 4097 up to 16 chunks in 8 pairs (2 or 4 threads), with boundaries inside words and blocks.
-CHUNKED_SIZES = [3 * 2**16 + 1, 2**20 + 4097]
+# The CPU build splits the merged light/heavy sequence into chunks of >= 2^16 items, swept in groups
+# of up to 4 (with up to one thread per 2^18 items, 4 groups each): 2^17 + 1 gives one group of 2
+# chunks, 3 * 2^16 + 1 one of 3, 9 * 2^16 + 5 with 2 threads groups of 4, 4 and 1, 2^20 + 4097 16
+# chunks in groups of 4; chunk boundaries fall inside words and blocks.
+CHUNKED_SIZES = [2**17 + 1, 3 * 2**16 + 1, 9 * 2**16 + 5, 2**20 + 4097]
 
 
 @needs_cpu_build
