@@ -489,6 +489,28 @@ def test_sampler_update_weights(backend):
         list(s)
 
 
+@pytest.mark.parametrize("backend", [b for d, b in BACKENDS if d == "cpu"])
+def test_sampler_update_weights_any_dtype(backend):
+    """A full update builds from the weights as given (no float64 copy first) and keeps a float64 copy
+    of them; the caller's tensors are never written into."""
+    n = 1000
+    g = torch.Generator().manual_seed(3)
+    mine = torch.rand(n, dtype=torch.float64, generator=g)
+    keep = mine.clone()
+    s = AliasSampler(mine, 200, generator=_gen("cpu", 0), backend=backend)
+    w32 = torch.rand(n, generator=g)
+    s.update_weights(w32)
+    assert s.weights.dtype == torch.float64 and torch.equal(s.weights, w32.double())
+    assert s.table._weights is s.weights
+    _check_table(w32, s.table.threshold, s.table.alias, "update from float32")
+    torch.testing.assert_close(s.table.probs, w32.double() / w32.double().sum(), rtol=1e-12, atol=0)
+    s.update_weights(torch.arange(n) % 3)  # integer weights, as WeightedRandomSampler accepts
+    assert s.weights.dtype == torch.float64 and all(i % 3 for i in s)
+    s.update_weights(torch.zeros(2), index=[1, 2])
+    s.sample_with_weights(10)
+    assert torch.equal(mine, keep)
+
+
 # ------------------------------------------------------------------------------------------------
 # Custom ops: schemas, fake kernels
 # ------------------------------------------------------------------------------------------------
