@@ -49,6 +49,7 @@ namespace {
 constexpr int64_t kBlock = 1024;               // items per summary block: a co-rank probe scans one
 constexpr int64_t kClaim = 32;                 // blocks per dynamic claim in passes 1 and 2
 constexpr int64_t kMinItemsPerChunk = 1 << 16;  // below this a chunk's start-up costs more than it saves
+constexpr int64_t kPrefetchWords = 4;          // how far ahead a stream prefetches s (64-item words)
 constexpr int64_t kDrawGrain = 1 << 15;        // draws per parallel task
 constexpr double kTinyMax = 0x1p-960;          // below: 1/m would overflow, pre-scale by 2^600
 constexpr double kPrescale = 0x1p600;
@@ -582,6 +583,9 @@ struct Builder {
         bits &= ~uint64_t(0) << (pos & 63);
         if (((wi + 1) << 6) > n) bits &= (uint64_t(1) << (n & 63)) - 1;
         const int64_t c0 = c, base = wi << 6;
+        // s of the items kPrefetchWords words ahead (8 lines per word): the key loop below waited on
+        // these loads (sweep at N = 1e7 on one core: 32 -> 28 ms; 2 or 8 words ahead: ~29 ms).
+        for (int64_t j = 0; j < 8; ++j) __builtin_prefetch(sp + std::min(base + 64 * kPrefetchWords + 8 * j, n - 1));
 #ifdef ISGD_ALIAS_SSE2
         if constexpr (sizeof(I) == 4) {
           // 8 positions per byte of the mask from a table, whatever the number of set bits.
