@@ -6,6 +6,9 @@ Scaling (float64).  With m = max_i w_i and pre = 1 (or 2**600 when m is so small
 overflow):  ws_i = 1 if w_i == m else (w_i * pre) * (1 / (m * pre));   cs = max(1, N / sum(ws));
 s_i = ws_i * cs, so that mean(s) = 1.  The max item has s = cs >= 1 exactly, so there is always
 a heavy item; all-equal weights give identical s >= 1, i.e. every row a threshold of exactly 1.
+The C++ CPU build computes s_i = min((w_i * pre) * k, cs) with k = cs / (m * pre) rounded up until
+the max weight gives exactly cs (two operations per item instead of a select): the same s up to an
+ulp, with the same guarantees.
 
 Classes.  light: s < 1 (deficit d = 1 - s), heavy: s >= 1 (excess e = s - 1), each in index order.
 KL[a] = sum of the deficits of the first a lights (exclusive prefix, KL[A] = total deficit),
@@ -18,9 +21,11 @@ order of the two-way merge "light a before heavy b iff KL[a] < KH[b]".  That giv
   heavy b:  threshold 1 - (KL[#{a : KL[a] < KH[b]}] - KH[b]) clamped to [0, 1], alias = heavy b+1
             (the last heavy aliases itself).
 PSA splits the merged sequence into independent chunks by co-ranking (merge path) and sweeps each
-chunk; this module evaluates the same formulas with torch.searchsorted.  A zero-weight item is a
-light with threshold exactly 0, and aliases only ever point to heavy items (s >= 1 > 0), so a zero
-weight can never be returned, whatever the rounding.
+chunk; this module evaluates the same formulas with torch.searchsorted.  (The CPU build keeps each
+prefix as a compensated sum of 64-item partial sums, accurate to ~1 ulp of its magnitude; tables
+agree with this module's to rounding.)  A zero-weight item is a light with threshold exactly 0, and
+aliases only ever point to heavy items (s >= 1 > 0), so a zero weight can never be returned,
+whatever the rounding.
 
 Draws.  Two independent 64-bit words per draw (bits[k, 0], bits[k, 1]):
   row  = min(floor(u0 * N), N - 1),  u0 = (bits[k, 0] >>> 11) * 2**-53

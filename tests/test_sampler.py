@@ -183,6 +183,83 @@ def test_matches_reference_table_exactly_triton():
         assert torch.equal(t0, t1) and torch.equal(a0, a1) and float(m0) == float(m1), name
 
 
+_HAS_CPU_BUILD = _extension.backend_unavailable_reason("cpu", torch.device("cpu"), "_alias_build") is None
+needs_cpu_build = pytest.mark.skipif(not _HAS_CPU_BUILD, reason="C++ CPU kernels not built")
+
+
+@pytest.fixture
+def num_threads():
+    """Sets torch's intra-op thread count for one test and restores it afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+# The CPU build splits the merged light/heavy sequence into chunks of >= 2^16 items, swept in groups
+# of up to 4 (with up to one thread per 2^18 items, 4 groups each): 2^17 + 1 gives one group of 2
+# chunks, 3 * 2^16 + 1 one of 3, 9 * 2^16 + 5 with 2 threads groups of 4, 4 and 1, 2^20 + 4097 16
+# chunks in groups of 4; chunk boundaries fall inside words and blocks.
+CHUNKED_SIZES = [2**17 + 1, 3 * 2**16 + 1, 9 * 2**16 + 5, 2**20 + 4097]
+
+
+@needs_cpu_build
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("n", CHUNKED_SIZES)
+def test_chunked_cpu_build(num_threads, threads, n):
+    """Every chunk boundary joins up: the table is valid on adversarial weights, and identical from
+    one build to the next although chunk pairs go to whichever thread claims them first."""
+    num_threads(threads)
+    g = torch.Generator().manual_seed(n + threads)
+    for name, w in _cases(n, g):
+        t, a, mean = alias_build(w, backend="cpu")
+        _check_table(w, t, a, f"cpu N={n} threads={threads} {name}")
+        assert math.isclose(float(mean), float(w.double().mean()), rel_tol=1e-12)
+        t2, a2, _ = alias_build(w, backend="cpu")
+        assert torch.equal(t, t2) and torch.equal(a, a2), f"{name}: two builds differ"
+
+
+@needs_cpu_build
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1000, 2**20 + 4097])
+def test_cpu_build_weight_dtypes(num_threads, dtype, n):
+    num_threads(2)
+    g = torch.Generator().manual_seed(7)
+    w = (torch.rand(n, generator=g) ** 4 + 0.01).to(dtype)
+    w[::5] = 0
+    t, a, _ = alias_build(w, backend="cpu")
+    _check_table(w, t, a, f"{dtype} N={n}")
+
+
+@needs_cpu_build
+@pytest.mark.parametrize("n", [1, 1000, 2**20 + 4097])
+def test_cpu_build_into_int64_alias(num_threads, n):
+    """int64 alias buffers (what N >= 2^31 needs) take the same build, with indices found bit by bit."""
+    num_threads(2)
+    g = torch.Generator().manual_seed(n)
+    w = _power(n, 1.0, True, g)
+    t = torch.empty(n, dtype=torch.float64)
+    a = torch.empty(n, dtype=torch.int64)
+    mean = torch.ops.isgd_kernels._alias_build_into(w, t, a)
+    _check_table(w, t, a, f"int64 alias N={n}")
+    t32, a32, mean32 = alias_build(w, backend="cpu")
+    assert torch.equal(t, t32) and torch.equal(a, a32.long()) and float(mean) == float(mean32)
+
+
+@needs_cpu_build
+def test_rebuild_in_place_matches_fresh_build(num_threads):
+    num_threads(2)
+    g = torch.Generator().manual_seed(1)
+    n = 2**20 + 4097
+    w1, w2 = torch.rand(n, generator=g) ** 3, torch.rand(n, generator=g) ** 4 + 0.01
+    table = AliasTable(w1, backend="cpu")
+    ptr = table.threshold.data_ptr()
+    table.rebuild_(w2)
+    fresh = AliasTable(w2, backend="cpu")
+    assert table.threshold.data_ptr() == ptr
+    assert torch.equal(table.threshold, fresh.threshold) and torch.equal(table.alias, fresh.alias)
+    assert float(table.mean) == float(fresh.mean)
+
+
 def test_large_n_beyond_float32_categories():
     """N = 2^24 + 1 (torch.multinomial's limit is 2^24): the last item must be reachable."""
     n = 2**24 + 1
@@ -410,6 +487,28 @@ def test_sampler_update_weights(backend):
     s.update_weights(torch.zeros(7), index=torch.arange(7))
     with pytest.raises(ValueError, match="all weights are zero"):
         list(s)
+
+
+@pytest.mark.parametrize("backend", [b for d, b in BACKENDS if d == "cpu"])
+def test_sampler_update_weights_any_dtype(backend):
+    """A full update builds from the weights as given (no float64 copy first) and keeps a float64 copy
+    of them; the caller's tensors are never written into."""
+    n = 1000
+    g = torch.Generator().manual_seed(3)
+    mine = torch.rand(n, dtype=torch.float64, generator=g)
+    keep = mine.clone()
+    s = AliasSampler(mine, 200, generator=_gen("cpu", 0), backend=backend)
+    w32 = torch.rand(n, generator=g)
+    s.update_weights(w32)
+    assert s.weights.dtype == torch.float64 and torch.equal(s.weights, w32.double())
+    assert s.table._weights is s.weights
+    _check_table(w32, s.table.threshold, s.table.alias, "update from float32")
+    torch.testing.assert_close(s.table.probs, w32.double() / w32.double().sum(), rtol=1e-12, atol=0)
+    s.update_weights(torch.arange(n) % 3)  # integer weights, as WeightedRandomSampler accepts
+    assert s.weights.dtype == torch.float64 and all(i % 3 for i in s)
+    s.update_weights(torch.zeros(2), index=[1, 2])
+    s.sample_with_weights(10)
+    assert torch.equal(mine, keep)
 
 
 # ------------------------------------------------------------------------------------------------
