@@ -14,11 +14,16 @@ Backends of `conv_grad_sq_norms`:
   "triton" - fused kernels with implicit im2col (isgd_kernels.triton.conv_norms): patches are
              gathered from x by index arithmetic inside the kernel; no unfold tensor, no per-example
              gradient, no T x T Gram matrix in memory. 1-D, 2-D and 3-D (all run as 3-D).
-  "cpu"    - the im2col path below, chunked over the batch so the unfolded tensor stays bounded
-             (_CPU_CHUNK_ELEMENTS); pure PyTorch, no C++ kernel yet.
-  "torch"  - the same im2col path on the whole batch at once (reference / oracle).
-  "cuda"   - CUDA C++ kernel: not written yet; asking for it raises the standard backend error.
-  "auto"   - triton on CUDA tensors (torch when Triton is missing), cpu on CPU tensors.
+  "cpu"    - C++ kernel (csrc/cpu/conv_norms_cpu.cpp): parallel over (example, group), each thread
+             gathering the patches of a chunk of positions into its own buffer (implicit im2col) and
+             running one BLAS GEMM per chunk (materialize) or Gram strips (ghost); memory O(threads),
+             not O(B).
+  "cuda"   - CUDA C++ kernel (csrc/cuda/conv_norms_cuda.cu): implicit im2col in shared memory, fp32
+             (fp64) FMA on CUDA cores, ghost and materialize. Compiled and checked with nvcc, but it has
+             not run on a GPU yet: the tests run it against the float64 reference where a GPU exists.
+  "torch"  - the im2col path below (F.pad + unfold views + the Linear formulas), pure PyTorch, a batch
+             chunk at a time so the unfolded tensor stays bounded (_TORCH_CHUNK_ELEMENTS).
+  "auto"   - CUDA tensors: triton, else cuda, else torch; CPU tensors: cpu, else torch.
 """
 from __future__ import annotations
 
@@ -37,12 +42,12 @@ from isgd_kernels.reference import accumulation_dtype, linear_grad_sq_norms_ref
 from isgd_kernels.scorer import LayerCapture, register_rule
 
 _OP = "conv_grad_sq_norms"
-# Name a compiled CUDA kernel will be registered under (none exists yet).
-_CUDA_OP = "_conv_grad_sq_norms"
+# The compiled kernel (schema in csrc/conv_norms.cpp; CPU and CUDA implementations).
+_CPP_OP = "_conv_grad_sq_norms"
 
 # Elements of the per-chunk intermediates (unfolded input + output gradient + Gram or per-example
-# gradient) of the "cpu" backend: 2^24 floats = 64 MiB in fp32, whatever the batch size.
-_CPU_CHUNK_ELEMENTS = 1 << 24
+# gradient) of the "torch" backend: 2^24 floats = 64 MiB in fp32, whatever the batch size.
+_TORCH_CHUNK_ELEMENTS = 1 << 24
 
 
 # ------------------------------------------------------------------------------- argument handling
@@ -146,8 +151,8 @@ def conv_grad_sq_norms_ref(x: torch.Tensor, grad_out: torch.Tensor, kernel_size:
     return sq
 
 
-def _conv_cpu_chunked(x, grad_out, kernel_size, stride, padding, dilation, groups, bias, method):
-    """The im2col path a batch chunk at a time: peak memory ~_CPU_CHUNK_ELEMENTS, not B * T * d."""
+def _conv_torch_chunked(x, grad_out, kernel_size, stride, padding, dilation, groups, bias, method):
+    """The im2col path a batch chunk at a time: peak memory ~_TORCH_CHUNK_ELEMENTS, not B * T * d."""
     B = x.shape[0]
     T = math.prod(grad_out.shape[2:])
     d = x.shape[1] // groups * math.prod(kernel_size)
@@ -155,7 +160,7 @@ def _conv_cpu_chunked(x, grad_out, kernel_size, stride, padding, dilation, group
     resolved = choose_method(T, d, p, method)
     inner = T * T if resolved == "ghost" else p * d
     per_example = groups * (T * d + T * p + inner) + x[0].numel()
-    step = max(1, _CPU_CHUNK_ELEMENTS // max(per_example, 1))
+    step = max(1, _TORCH_CHUNK_ELEMENTS // max(per_example, 1))
     if step >= B:
         return conv_grad_sq_norms_ref(x, grad_out, kernel_size, stride, padding, dilation, groups, bias,
                                       method)
@@ -168,24 +173,30 @@ def _conv_cpu_chunked(x, grad_out, kernel_size, stride, padding, dilation, group
 
 # ----------------------------------------------------------------------------- backend resolution
 
+def _cpp_op_built() -> bool:
+    """False when isgd_kernels._C predates the conv kernel (a stale build of an older checkout)."""
+    return _extension._C is not None and hasattr(torch.ops.isgd_kernels, _CPP_OP)
+
+
 def _resolve_conv_backend(backend: str, device: torch.device) -> str:
-    if backend == "auto":
-        if device.type == "cuda":
-            return "triton" if _extension.backend_available("triton", device, _OP) else "torch"
-        return "cpu" if device.type == "cpu" else "torch"
-    if backend == "cpu":
-        if device.type != "cpu":
-            raise RuntimeError("isgd_kernels: backend 'cpu' is unavailable: backend='cpu' needs CPU "
-                               f"tensors, got tensors on {device}")
-        return "cpu"
-    if backend == "cuda":
-        # The standard messages (extension missing, wrong device) come from resolve_backend; past them,
-        # the one thing missing is the kernel itself.
-        if _extension._C is None or device.type != "cuda" or hasattr(torch.ops.isgd_kernels, _CUDA_OP):
-            return resolve_backend(backend, device, (_CUDA_OP,))
-        raise RuntimeError("isgd_kernels: backend 'cuda' is unavailable: there is no CUDA C++ kernel for "
-                           f"{_OP} yet; use backend='triton' (fused, implicit im2col) or 'torch'")
-    return resolve_backend(backend, device, (_OP,))
+    """"auto" -> triton / cuda / torch on CUDA tensors, cpu / torch on CPU tensors (first available);
+    an explicit backend is checked, with the standard error when it cannot run here. The C++ op name
+    serves every backend: availability of "triton" and "torch" does not depend on it."""
+    if _extension._C is not None and not _cpp_op_built():
+        if backend in ("cpu", "cuda"):
+            raise RuntimeError(f"isgd_kernels: backend '{backend}' is unavailable: isgd_kernels._C was built "
+                               f"without the {_OP} kernel; {_extension._REBUILD_HINT}")
+        if backend == "auto":
+            order = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
+            return resolve_backend(backend, device, (_OP,), order)
+        return resolve_backend(backend, device, (_OP,))
+    return resolve_backend(backend, device, (_CPP_OP,))
+
+
+def _cpp_method(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, groups: int, method: str) -> str:
+    """The cost rule of isgd_kernels.cost applied to one group's (T, d, p) problem."""
+    T = math.prod(grad_out.shape[2:])
+    return choose_method(T, x.shape[1] // groups * math.prod(kernel_size), grad_out.shape[1] // groups, method)
 
 
 # ---------------------------------------------------------------------------------- the custom op
@@ -203,17 +214,22 @@ def _conv_grad_sq_norms_op(x: torch.Tensor, grad_out: torch.Tensor, kernel_size:
 
         return conv_norms.conv_sq_norms_triton(x, grad_out, kernel_size, stride, padding, dilation, groups,
                                                bias, method)
-    if backend == "cuda":
-        return getattr(torch.ops.isgd_kernels, _CUDA_OP)(x, grad_out, kernel_size, stride, padding, dilation,
-                                                          groups, bias, method)
-    if backend == "cpu":
-        return _conv_cpu_chunked(x, grad_out, kernel_size, stride, padding, dilation, groups, bias, method)
-    return conv_grad_sq_norms_ref(x, grad_out, kernel_size, stride, padding, dilation, groups, bias, method)
+    if backend in ("cpu", "cuda"):
+        return torch.ops.isgd_kernels._conv_grad_sq_norms(x, grad_out, kernel_size, stride, padding, dilation,
+                                                          groups, bias,
+                                                          _cpp_method(x, grad_out, kernel_size, groups, method))
+    return _conv_torch_chunked(x, grad_out, kernel_size, stride, padding, dilation, groups, bias, method)
 
 
 @_conv_grad_sq_norms_op.register_fake
 def _(x, grad_out, kernel_size, stride, padding, dilation, groups, bias, backend, method):
     return x.new_empty(x.shape[0], dtype=accumulation_dtype(x.dtype))
+
+
+if _cpp_op_built():
+    @torch.library.register_fake(f"isgd_kernels::{_CPP_OP}")
+    def _(x, grad_out, kernel_size, stride, padding, dilation, groups, bias, method):
+        return x.new_empty(x.shape[0], dtype=accumulation_dtype(x.dtype))
 
 
 def conv_grad_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, *, kernel_size, stride=1, padding=0,

@@ -7,6 +7,7 @@ from torch.func import functional_call, grad, vmap
 import isgd_kernels
 import isgd_kernels.conv  # noqa: F401  (registers the op and the Conv rules)
 import isgd_kernels.layer_rules  # noqa: F401
+from isgd_kernels import _extension
 from isgd_kernels.conv import conv_grad_sq_norms, conv_grad_sq_norms_ref, resolve_padding
 from isgd_kernels.reference import per_example_grad_norms_vmap
 from tests.utils import DEVICES, RTOL, assert_close_rel
@@ -18,19 +19,41 @@ CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 xent = nn.CrossEntropyLoss(reduction="none")
 
 
+CPP_OP = "_conv_grad_sq_norms"
+NO_CPU_KERNEL = "compiled extension (isgd_kernels._C) without the C++ CPU conv kernel"
+# The CUDA C++ kernel has only been compile-checked (tests/test_cuda_sources.py); these tests are what
+# runs it against the float64 reference, wherever a GPU and a CUDA build exist.
+NO_CUDA_KERNEL = ("needs a CUDA device and isgd_kernels._C built with the CUDA conv kernel "
+                  "(torch with CUDA + nvcc)")
+
+
+def has_cpp(device):
+    return _extension.has_kernel(CPP_OP, "CUDA" if device == "cuda" else "CPU")
+
+
 def backends_for(device):
+    """Backends that can run on `device` here (for loops inside a test)."""
     out = ["torch"]
-    if device == "cpu":
-        out.append("cpu")
+    if has_cpp(device):
+        out.append("cpu" if device == "cpu" else "cuda")
     if isgd_kernels.backend_available("triton", torch.device(device), "conv_grad_sq_norms"):
         out.append("triton")
     return out
 
 
 def cases():
+    """(device, backend) parameters: the C++ backends always appear, skipped with a reason when absent."""
     for device in DEVICES:
         for backend in backends_for(device):
-            yield pytest.param(device, backend, id=f"{device}-{backend}")
+            if backend not in ("cpu", "cuda"):
+                yield pytest.param(device, backend, id=f"{device}-{backend}")
+    yield pytest.param("cpu", "cpu", id="cpu-cpu", marks=pytest.mark.skipif(not has_cpp("cpu"), reason=NO_CPU_KERNEL))
+    cuda_ok = torch.cuda.is_available() and has_cpp("cuda")
+    yield pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.skipif(not cuda_ok, reason=NO_CUDA_KERNEL))
+
+
+def cpp_cases():
+    return [p for p in cases() if p.values[1] in ("cpu", "cuda")]
 
 
 def conv_module(x_shape, c_out, kw, bias=True):
@@ -130,6 +153,128 @@ def test_non_contiguous(device, backend, method):
     assert_close_rel(got, reference_sq_norms(x, g, kw), RTOL[torch.float32], f"{backend} channels_last")
 
 
+# --------------------------------------------------------------- C++ kernels (cpu, cuda), fresh inputs
+
+def random_conv(gen):
+    """x shape, C_out and conv kwargs of a random convolution: rank 1-3, odd sizes, strides, dilations,
+    paddings (int, per-dim tuple, 'same' with even or odd kernels, 'valid'), groups 1, 2 or C_in."""
+    def ri(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    n = ri(1, 3)
+    kind = ri(0, 2)
+    c_in = (ri(1, 5), 2 * ri(1, 3), ri(2, 5))[kind]
+    groups = (1, 2, c_in)[kind]
+    c_out = groups * ri(1, 3)
+    ks = tuple(ri(1, 4 if n < 3 else 3) for _ in range(n))
+    dil = tuple(ri(1, 2) for _ in range(n))
+    mode = ri(0, 3)
+    if mode == 0:
+        padding, stride = "same", 1
+    else:
+        stride = tuple(ri(1, 3) for _ in range(n))
+        padding = ("valid", tuple(ri(0, 2) for _ in range(n)), ri(0, 2))[mode - 1]
+    extra = {1: 14, 2: 7, 3: 3}[n]
+    size = tuple(d * (k - 1) + 1 + ri(0, extra) for k, d in zip(ks, dil))
+    kw = dict(kernel_size=ks, stride=stride, padding=padding, dilation=dil, groups=groups)
+    return (ri(1, 3), c_in) + size, c_out, kw
+
+
+@pytest.mark.parametrize("device,backend", cpp_cases())
+@pytest.mark.parametrize("seed", range(8))
+def test_cpp_random_convs(device, backend, seed):
+    """Random geometries against float64 torch.func on fresh inputs, both methods, with and without bias."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    for _ in range(4):
+        x_shape, c_out, kw = random_conv(gen)
+        x, g = make_inputs(x_shape, c_out, kw, device)
+        for bias in (True, False):
+            expected = reference_sq_norms(x, g, kw, bias)
+            for method in ("ghost", "materialize"):
+                got = conv_grad_sq_norms(x, g, bias=bias, backend=backend, method=method, **kw)
+                assert_close_rel(got, expected, RTOL[torch.float32], f"{x_shape} {c_out} {kw} {method} bias={bias}")
+
+
+@pytest.mark.parametrize("device,backend", cpp_cases())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_cpp_random_convs_dtypes(device, backend, dtype):
+    gen = torch.Generator().manual_seed(2000)
+    for _ in range(4):
+        x_shape, c_out, kw = random_conv(gen)
+        x, g = make_inputs(x_shape, c_out, kw, device, dtype)
+        expected = reference_sq_norms(x, g, kw)
+        for method in ("ghost", "materialize"):
+            got = conv_grad_sq_norms(x, g, backend=backend, method=method, **kw)
+            assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            assert_close_rel(got, expected, RTOL[dtype], f"{x_shape} {c_out} {kw} {method} {dtype}")
+
+
+@pytest.mark.parametrize("device,backend", cpp_cases())
+def test_cpp_long_and_deep_inputs(device, backend):
+    """Shapes that take the kernels' other branches: positions in several chunks with a short last one
+    (300001 positions of a 1-D conv), Gram strips (ghost on 21 x 19 positions), 3-D outputs of more
+    than 8 planes, a single example (the GEMMs then take the threads), non-contiguous x."""
+    for x_shape, c_out, kw, method in [
+        ((2, 2, 300001), 3, dict(kernel_size=3, padding="same", dilation=2), "materialize"),
+        ((1, 3, 21, 19), 4, dict(kernel_size=3, padding=1, groups=1), "ghost"),
+        ((2, 2, 11, 4, 5), 2, dict(kernel_size=(2, 3, 3), padding=(0, 1, 1), groups=2), "materialize"),
+        ((2, 2, 11, 4, 5), 4, dict(kernel_size=(3, 1, 2), stride=(1, 2, 1), padding="valid"), "ghost"),
+    ]:
+        x, g = make_inputs(x_shape, c_out, kw, device)
+        for bias in (True, False):
+            got = conv_grad_sq_norms(x, g, bias=bias, backend=backend, method=method, **kw)
+            assert_close_rel(got, reference_sq_norms(x, g, kw, bias), RTOL[torch.float32],
+                             f"{x_shape} {method} bias={bias}")
+    x = torch.randn(3, 5, 8, 9, device=device).transpose(1, 2)[:, 1:6]  # (3, 5, 5, 9), C stride 9
+    kw = dict(kernel_size=2, stride=(1, 2), groups=5)
+    g = torch.randn(3, 10, 4, 4, device=device)
+    assert_close_rel(conv_grad_sq_norms(x, g, backend=backend, **kw), reference_sq_norms(x, g, kw),
+                     RTOL[torch.float32], "strided x")
+
+
+@pytest.mark.parametrize("device,backend", cpp_cases())
+def test_cpp_op_opcheck_and_determinism(device, backend):
+    """The compiled op itself: fake kernel and schema (opcheck), B = 0, bitwise-repeatable results."""
+    op = getattr(torch.ops.isgd_kernels, CPP_OP)
+    for x_shape, c_out, op_args, method in [
+        ((3, 4, 13), 6, ([3], [2], [1, 1], [1], 1), "materialize"),
+        ((2, 4, 6, 7), 4, ([4, 2], [1, 1], [1, 2, 0, 1], [1, 1], 2), "ghost"),
+        ((2, 4, 5, 6, 5), 4, ([2, 3, 2], [1, 2, 1], [1, 1, 0, 0, 1, 1], [1, 1, 2], 4), "materialize"),
+        ((2, 3, 4, 4), 5, ([4, 4], [1, 1], [0, 0, 0, 0], [1, 1], 1), "outer"),
+    ]:
+        kernel_size, stride, padding, dilation, groups = op_args
+        x = torch.randn(*x_shape, device=device)
+        out = isgd_kernels.conv.conv_output_size(x_shape[2:], kernel_size, stride, padding, dilation)
+        g = torch.randn(x_shape[0], c_out, *out, device=device)
+        args = (x, g, kernel_size, stride, padding, dilation, groups, True, method)
+        torch.library.opcheck(op.default, args)
+        got = op(*args)
+        assert torch.equal(got, op(*args)), "repeated calls differ"
+        expected = conv_grad_sq_norms_ref(x.double(), g.double(), kernel_size, stride, padding, dilation, groups)
+        assert_close_rel(got, expected, RTOL[torch.float32], method)
+        empty = op(x[:0], g[:0], *args[2:])
+        assert empty.shape == (0,) and empty.dtype == torch.float32
+
+
+@pytest.mark.skipif(not has_cpp("cpu"), reason=NO_CPU_KERNEL)
+def test_cpp_op_checks_its_arguments():
+    op = getattr(torch.ops.isgd_kernels, CPP_OP)
+    x, g = torch.randn(2, 4, 6, 6), torch.randn(2, 6, 4, 4)
+    good = ([3, 3], [1, 1], [0, 0, 0, 0], [1, 1], 2, True)
+    with pytest.raises(RuntimeError, match="method must be 'ghost', 'materialize' or 'outer'"):
+        op(x, g, *good, "auto")
+    with pytest.raises(RuntimeError, match="method 'outer' needs one output position"):
+        op(x, g, *good, "outer")
+    with pytest.raises(RuntimeError, match="needs 2 kernel_size/stride/dilation values and 4 padding values"):
+        op(x, g, [3, 3], [1, 1], [0, 0], [1, 1], 2, True, "ghost")
+    with pytest.raises(RuntimeError, match="does not have the output size"):
+        op(x, g, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 2, True, "ghost")
+    with pytest.raises(RuntimeError, match="must be divisible by groups = 4"):
+        op(x, g, [3, 3], [1, 1], [0, 0, 0, 0], [1, 1], 4, True, "ghost")
+    with pytest.raises(RuntimeError, match="same dtype"):
+        op(x, g.double(), *good, "ghost")
+
+
 def test_padding_resolution_matches_pytorch():
     # 'same' pads dilation*(k-1) in total, the odd element on the right, as F.conv does.
     assert resolve_padding("same", (4, 3), (1, 1), (1, 2)) == [1, 2, 2, 2]
@@ -139,13 +284,13 @@ def test_padding_resolution_matches_pytorch():
         resolve_padding("same", (3,), (2,), (1,))
 
 
-def test_cpu_backend_chunks_the_batch(monkeypatch):
+def test_torch_backend_chunks_the_batch(monkeypatch):
     kw = dict(kernel_size=3, padding=1, groups=2)
     x, g = make_inputs((7, 4, 6, 5), 4, kw)
     expected = reference_sq_norms(x, g, kw)
-    monkeypatch.setattr(isgd_kernels.conv, "_CPU_CHUNK_ELEMENTS", 1000)  # ~1 example per chunk
+    monkeypatch.setattr(isgd_kernels.conv, "_TORCH_CHUNK_ELEMENTS", 1000)  # ~1 example per chunk
     for method in ("ghost", "materialize"):
-        assert_close_rel(conv_grad_sq_norms(x, g, backend="cpu", method=method, **kw), expected,
+        assert_close_rel(conv_grad_sq_norms(x, g, backend="torch", method=method, **kw), expected,
                          RTOL[torch.float32], method)
 
 

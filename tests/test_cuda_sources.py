@@ -12,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CU_FILES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+# Headers the .cu files include (the launcher declarations): they must stay torch-free too.
+CUDA_HEADERS = sorted((ROOT / "csrc" / "cuda").glob("*.h"))
 NVCC = shutil.which("nvcc") or next((str(p) for p in (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin"
                                                       / "nvcc",) if p.exists()), None)
 
@@ -29,7 +31,8 @@ def test_nvcc_compiles(source, tmp_path):
 
 def test_cuda_sources_are_torch_free():
     """Keeps the rule that makes the check above possible."""
-    for source in CU_FILES:
+    assert {"linear_norms_cuda.cu", "conv_norms_cuda.cu"} <= {p.name for p in CU_FILES}
+    for source in CU_FILES + CUDA_HEADERS:
         text = source.read_text()
         for header in ("torch/", "ATen/", "c10/"):
             assert f"#include <{header}" not in text, f"{source.name} includes {header} headers"
