@@ -56,9 +56,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
 
 def _run_workload(w: Workload, provs: list[Provider], device: torch.device, quick: bool) -> list[dict]:
     model, x, y = w.make(device)
-    # The 1-minute load average of a shared CPU: other jobs' load distorts small-op providers the most.
-    base = {"workload": w.name, "shape": w.shape, "batch": w.batch,
-            "cpu_load": round(os.getloadavg()[0], 1) if device.type == "cpu" else None}
+    base = {"workload": w.name, "shape": w.shape, "batch": w.batch, "cpu_load": None}
     ref = reference_norms(model, x[:CHECKED], y[:CHECKED])
     step = train_step(model, x, y)
     step()  # warm-up; the providers' warm-up is their checked call
@@ -97,6 +95,11 @@ def _run_workload(w: Workload, provs: list[Provider], device: torch.device, quic
         rows[name].update({k: v * scale for k, v in times[name].items() if k != "ratio"})
         rows[name]["ratio_to_step"] = times[name]["ratio"] * scale
         rows[name]["peak_extra_mb"] = peak_extra_memory_mb(fn, device)  # of the call as timed (n examples)
+    if device.type == "cpu":
+        # 1-minute load average after timing: other jobs on a shared CPU slow the 2-thread GEMMs of the
+        # step more than the small ops of the loop or vmap, so a high load skews those ratios.
+        for r in rows.values():
+            r["cpu_load"] = round(os.getloadavg()[0], 1)
     ranked = sorted((r for r in rows.values() if r["status"] == "ok" and r["provider"] != STEP),
                     key=lambda r: r["ratio_to_step"])
     for i, r in enumerate(ranked, 1):
@@ -155,6 +158,8 @@ def report(rows: list[dict], device: torch.device):
         f"gradients (one autograd backward per example) before timing; 'wrong' means a relative error above "
         f"{TOLERANCE[device.type]:g} and is not timed or ranked; 'unsupported': the provider has no rule for a "
         "layer of the model; 'skipped': not installed.",
+        "cpu_load: the 1-minute load average of the machine after the workload's timing (2 cores: above ~2 "
+        "other jobs competed for them).",
         "examples_timed < batch: 'micro_batch' providers (Opacus GradSampleModule holds a gradient per example) "
         f"are timed on one micro-batch whose gradients fit {MEMORY_BUDGET[device.type] / 2**30:g} GiB, the naive "
         "providers on a few examples; the time is scaled to the batch (peak_extra_mb is not: it is the call's).",
