@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -232,6 +233,7 @@ def run_conv(device: torch.device, quick: bool = False) -> list[dict]:
             fns[backend] = fn
             entries.append(row)
         times = measure_side_by_side(fns, device, reference=DW, min_time=1.0 if quick else 3.0)
+        load = round(os.getloadavg()[0], 1) if device.type == "cpu" else None  # as in the field group
         for row in entries:
             t = times.get(row["backend"], {"median_ms": None, "p20_ms": None, "p80_ms": None, "ratio": None})
             row["ratio_to_dW"] = t.pop("ratio")
@@ -241,6 +243,7 @@ def run_conv(device: torch.device, quick: bool = False) -> list[dict]:
             row["GB/s"] = (x.numel() + grad_out.numel()) * x.element_size() / ms / 1e6 if is_norm_op else None
             row["TFLOP/s"] = flops / ms / 1e9 if is_norm_op else None
             row["peak_extra_mb"] = peak_extra_memory_mb(fns[row["backend"]], device) if ms else None
+            row["cpu_load"] = load
             rows.append(row)
             print(f"  {name} {row['backend']}/{row['method']}: {row['status']} "
                   f"{ms if ms is None else round(ms, 3)} ms err {row['max_rel_err']}", flush=True)
@@ -281,7 +284,7 @@ def report_conv(rows, device):
     out = write_results(
         rows, "conv", device, title="conv_grad_sq_norms per backend vs the batch weight gradient",
         columns=["conv", "x", "C_out", "groups", "backend", "method", "status", "median_ms", "p20_ms", "p80_ms",
-                 "ratio_to_dW", "GB/s", "TFLOP/s", "peak_extra_mb", "max_rel_err", "note"],
+                 "ratio_to_dW", "GB/s", "TFLOP/s", "peak_extra_mb", "max_rel_err", "cpu_load", "note"],
         notes=["ratio_to_dW: time over that of aten.convolution_backward computing the batch's dW and db for the same "
                "convolution (the layer's share of a training step's backward), measured side by side (on CPU: "
                "interleaved, median over rounds of the ratio within a round).",
@@ -291,6 +294,8 @@ def report_conv(rows, device):
                "p = C_out/groups) by isgd_kernels.choose_method. GB/s counts one read of x and grad_out; TFLOP/s "
                "the chosen method's algorithmic FLOPs.",
                "max_rel_err: first 4 examples against float64 per-example weight gradients from torch.func.",
+               "cpu_load: the 1-minute load average after the shape's timing (2 cores: above ~2, other jobs "
+               "competed; small ops such as the depthwise dW suffer the most).",
                *[f"backend '{b}': {why}." for b, why in left_out.items()]])
     _plot_conv(rows, out / "conv.png", device)
     return out
