@@ -232,7 +232,7 @@ def run_conv(device: torch.device, quick: bool = False) -> list[dict]:
                 continue
             fns[backend] = fn
             entries.append(row)
-        times = measure_side_by_side(fns, device, reference=DW, min_time=1.0 if quick else 3.0)
+        times = measure_side_by_side(fns, device, reference=DW, min_time=3.0 if quick else 6.0)
         load = round(os.getloadavg()[0], 1) if device.type == "cpu" else None  # as in the field group
         for row in entries:
             t = times.get(row["backend"], {"median_ms": None, "p20_ms": None, "p80_ms": None, "ratio": None})
