@@ -1,6 +1,6 @@
 """Run the benchmark groups and write benchmarks/results/<device>/.
 
-    python -m benchmarks [--device cpu|cuda] [--quick] [--only scorer,linear,sampler]
+    python -m benchmarks [--device cpu|cuda] [--quick] [--only field,conv,scorer,linear,sampler]
 """
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import argparse
 
 import torch
 
-from benchmarks import norms, sampler_report
+from benchmarks import field, norms, sampler_report
 
 GROUPS = {
+    "field": (field.run, field.report),
+    "conv": (norms.run_conv, norms.report_conv),
     "scorer": (norms.run_scorer, norms.report_scorer),
     "linear": (norms.run_linear, norms.report_linear),
     "sampler": (sampler_report.run, sampler_report.report),

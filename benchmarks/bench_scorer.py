@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import isgd_kernels
-from benchmarks.harness import TokenMLP, paper_mlp
 from benchmarks.norms import XENT, loop_norms, vmap_norms
+from benchmarks.workloads import TokenMLP, paper_mlp
 
 
 def workload(name, device):

@@ -1,4 +1,4 @@
-"""Shared benchmark harness: workloads, timing, environment stamp and result writers.
+"""Shared benchmark harness: timing, environment stamp and result writers.
 
 Times are medians over repeats (p20/p80 alongside). On CUDA, `triton.testing.do_bench` times with
 CUDA events; on CPU, `time.perf_counter` after warm-up. Ratios are always measured side by side in
@@ -11,35 +11,15 @@ import datetime as _dt
 import json
 import os
 import platform
+import random
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from issgd.models import paper_mlp  # noqa: F401  (re-exported for the benchmark modules)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-# ----------------------------------------------------------------------------------- workloads
-class TokenMLP(nn.Module):
-    """A sequence model made of 3-D Linear layers: embed, two residual MLP blocks, mean-pool, head."""
-
-    def __init__(self, d_in: int = 64, d: int = 256, hidden: int = 1024, classes: int = 10, blocks: int = 2):
-        super().__init__()
-        self.embed = nn.Linear(d_in, d)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
-                                    for _ in range(blocks))
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, x):
-        h = self.embed(x)
-        for block in self.blocks:
-            h = h + block(h)
-        return self.head(h.mean(1))
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -65,7 +45,40 @@ def measure(fn: Callable[[], object], device: torch.device, *, min_time: float =
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return _quantiles(times)
+
+
+def measure_side_by_side(fns: dict[str, Callable[[], object]], device: torch.device, *, reference: str,
+                         min_time: float = 2.0, min_rounds: int = 3, max_rounds: int = 30) -> dict[str, dict]:
+    """measure() for functions compared with fns[reference], each already warmed up. Each result also
+    has "ratio": its time over the reference's.
+
+    On CPU they run interleaved, one call of each per round (in a shuffled order), and "ratio" is the
+    median over rounds of the ratio within a round: a change in the load of a shared machine hits
+    both alike, so the ratios hold while the absolute times drift. On CUDA each is timed by do_bench
+    (CUDA events) in turn and "ratio" is the ratio of medians.
+    """
+    if device.type == "cuda":
+        out = {name: measure(fn, device) for name, fn in fns.items()}
+        for res in out.values():
+            res["ratio"] = res["median_ms"] / out[reference]["median_ms"]
+        return out
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start, rounds, order = time.perf_counter(), 0, list(fns)
+    while rounds < min_rounds or (time.perf_counter() - start < min_time and rounds < max_rounds):
+        random.Random(rounds).shuffle(order)  # no function always runs right after the same other one
+        for name in order:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    ref = torch.tensor(times[reference], dtype=torch.float64)
+    return {name: {**_quantiles(t), "ratio": float((torch.tensor(t, dtype=torch.float64) / ref).median())}
+            for name, t in times.items()}
+
+
+def _quantiles(times_ms: list[float]) -> dict:
+    q = torch.tensor(times_ms, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
     return {"median_ms": float(q[0]), "p20_ms": float(q[1]), "p80_ms": float(q[2])}
 
 
@@ -122,8 +135,9 @@ def environment(device: torch.device) -> dict:
 
 # ----------------------------------------------------------------------------------- writers
 def write_results(rows: list[dict], name: str, device: torch.device, *, columns: list[str],
-                  title: str, notes: list[str] | None = None) -> Path:
-    """benchmarks/results/<device>/<name>.{csv,json,md}; returns the folder."""
+                  title: str, notes: list[str] | None = None, summary: list[str] | None = None) -> Path:
+    """benchmarks/results/<device>/<name>.{csv,json,md}; returns the folder. `summary`: Markdown
+    lines put above the full table."""
     out_dir = RESULTS_DIR / device_slug(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device)
@@ -134,6 +148,8 @@ def write_results(rows: list[dict], name: str, device: torch.device, *, columns:
             writer.writerow({**row, **env})
     (out_dir / f"{name}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     lines = [f"# {title}", "", " | ".join(f"**{k}**: {v}" for k, v in env.items()), ""]
+    if summary:
+        lines += summary + [""]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")

@@ -1,19 +1,22 @@
-"""Per-example gradient norm benchmarks: the model scorer and the Linear op per backend.
+"""Per-example gradient norm benchmarks: the model scorer, and the Linear and Conv ops per backend.
 
-    python -m benchmarks --only scorer,linear [--device cuda] [--quick]
+    python -m benchmarks --only scorer,linear,conv [--device cuda] [--quick]
 """
 from __future__ import annotations
 
 import copy
+import functools
+import math
+import os
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 import isgd_kernels
+from benchmarks.harness import measure, measure_side_by_side, peak_extra_memory_mb, synchronize, write_results
+from benchmarks.providers import XENT, timed_backends
+from benchmarks.workloads import TokenMLP, paper_mlp
 from isgd_kernels.reference import per_example_grad_norms_loop, per_example_grad_norms_vmap
-from benchmarks.harness import TokenMLP, measure, paper_mlp, peak_extra_memory_mb, synchronize, write_results
-
-XENT = nn.CrossEntropyLoss(reduction="none")
 
 
 # ------------------------------------------------------------------------------ providers
@@ -150,6 +153,104 @@ def run_linear(device: torch.device, quick: bool = False) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------- conv op
+def conv_shapes(device, quick):
+    """(name, x shape, C_out, kernel size, F.convNd arguments): a CNN's layers, and the grouped kinds."""
+    B = 256 if device.type == "cuda" else 32
+    yield "2-D 3x3", (B, 64, 32, 32), 64, 3, {"padding": 1}
+    yield "2-D 3x3 stride 2", (B, 64, 32, 32), 128, 3, {"stride": 2, "padding": 1}
+    yield "2-D depthwise 3x3", (B, 128, 16, 16), 128, 3, {"padding": 1, "groups": 128}
+    yield "2-D grouped 3x3 g=4", (B, 64, 16, 16), 64, 3, {"padding": 1, "groups": 4}
+    yield "1-D k=5", (B, 32, 512), 32, 5, {"padding": 2}
+    if not quick:
+        yield "3-D 3x3x3", (B // 4, 16, 8, 16, 16), 16, 3, {"padding": 1}
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+DW = "batch dW, db (convolution_backward)"
+
+
+def conv_sq_norms_oracle(x, grad_out, weight_shape, args) -> torch.Tensor:
+    """float64 ||dL_i/dW||^2 + ||dL_i/db||^2 of L_i = <conv(x_i; W, b), grad_out_i> by torch.func: the
+    per-example weight gradient materialized, independently of isgd_kernels (L_i is linear in W, b)."""
+    from torch.func import grad, vmap
+
+    conv = _CONV[x.dim() - 2]
+    w = torch.zeros(weight_shape, dtype=torch.float64, device=x.device)
+    b = torch.zeros(weight_shape[0], dtype=torch.float64, device=x.device)
+
+    def loss(w, b, xi, gi):
+        return (conv(xi[None], w, b, **args) * gi[None]).sum()
+
+    gw, gb = vmap(grad(loss, argnums=(0, 1)), in_dims=(None, None, 0, 0))(w, b, x.double(), grad_out.double())
+    return gw.flatten(1).square().sum(1) + gb.square().sum(1)
+
+
+def run_conv(device: torch.device, quick: bool = False) -> list[dict]:
+    """conv_grad_sq_norms per backend, next to the batch weight gradient of the same convolution (what a
+    training step computes for this layer: aten.convolution_backward for dW and db)."""
+    rows = []
+    for name, x_shape, c_out, k, args in conv_shapes(device, quick):
+        torch.manual_seed(0)
+        n = len(x_shape) - 2
+        groups, ks = args.get("groups", 1), (k,) * n
+        stride, pad = (args.get("stride", 1),) * n, (args.get("padding", 0),) * n
+        x = torch.randn(x_shape, device=device)
+        weight = torch.randn(c_out, x_shape[1] // groups, *ks, device=device)
+        grad_out = torch.randn_like(_CONV[n](x, weight, **args))
+        ref = conv_sq_norms_oracle(x[:4], grad_out[:4], weight.shape, args)
+        T = math.prod(grad_out.shape[2:])
+        d, p = x_shape[1] // groups * math.prod(ks), c_out // groups
+        method = isgd_kernels.choose_method(T, d, p)
+        flops = x_shape[0] * groups * (2 * T * T * (d + p) if method == "ghost" else 2 * T * d * p)
+        base = {"conv": name, "x": "x".join(map(str, x_shape)), "C_out": c_out, "groups": groups, "method": method}
+
+        def dw(x=x, grad_out=grad_out, weight=weight, stride=stride, pad=pad, groups=groups):
+            return torch.ops.aten.convolution_backward(grad_out, x, weight, [weight.shape[0]], list(stride),
+                                                       list(pad), [1] * len(stride), False, [0] * len(stride),
+                                                       groups, [False, True, True])
+
+        fns, entries = {DW: dw}, []
+        entries.append({**base, "backend": DW, "method": "", "status": "ok",
+                        "max_rel_err": None, "note": "the weight gradient a training step computes for this layer"})
+        dw()
+        for backend in timed_backends(device)[0]:
+            row = {**base, "backend": backend, "status": "ok", "max_rel_err": None, "note": ""}
+            fn = functools.partial(isgd_kernels.conv_grad_sq_norms, x, grad_out, kernel_size=k, backend=backend,
+                                   **args)
+            try:
+                got = fn()
+            except RuntimeError as exc:
+                if "is unavailable" not in str(exc):
+                    raise
+                entries.append({**row, "status": "unsupported", "note": str(exc)})
+                continue
+            row["max_rel_err"] = err = float(((got[:4].double() - ref).abs() / ref).max())
+            tol = 1e-3 if device.type == "cpu" else 1e-2
+            if not err <= tol:
+                entries.append({**row, "status": "wrong"})
+                continue
+            fns[backend] = fn
+            entries.append(row)
+        times = measure_side_by_side(fns, device, reference=DW, min_time=3.0 if quick else 6.0)
+        load = round(os.getloadavg()[0], 1) if device.type == "cpu" else None  # as in the field group
+        for row in entries:
+            t = times.get(row["backend"], {"median_ms": None, "p20_ms": None, "p80_ms": None, "ratio": None})
+            row["ratio_to_dW"] = t.pop("ratio")
+            row.update(t)
+            ms = t["median_ms"]
+            is_norm_op = ms and row["method"]
+            row["GB/s"] = (x.numel() + grad_out.numel()) * x.element_size() / ms / 1e6 if is_norm_op else None
+            row["TFLOP/s"] = flops / ms / 1e9 if is_norm_op else None
+            row["peak_extra_mb"] = peak_extra_memory_mb(fns[row["backend"]], device) if ms else None
+            row["cpu_load"] = load
+            rows.append(row)
+            print(f"  {name} {row['backend']}/{row['method']}: {row['status']} "
+                  f"{ms if ms is None else round(ms, 3)} ms err {row['max_rel_err']}", flush=True)
+        synchronize(device)
+    return rows
+
+
 # --------------------------------------------------------------------------------- reports
 def report_scorer(rows, device):
     out = write_results(
@@ -175,6 +276,28 @@ def report_linear(rows, device):
                "copy (GPU only). TFLOP/s counts the chosen method's algorithmic FLOPs.",
                "max_rel_err: against the float64 reference on the same inputs."])
     _plot_linear(rows, out / "linear.png", device)
+    return out
+
+
+def report_conv(rows, device):
+    _, left_out = timed_backends(device)
+    out = write_results(
+        rows, "conv", device, title="conv_grad_sq_norms per backend vs the batch weight gradient",
+        columns=["conv", "x", "C_out", "groups", "backend", "method", "status", "median_ms", "p20_ms", "p80_ms",
+                 "ratio_to_dW", "GB/s", "TFLOP/s", "peak_extra_mb", "max_rel_err", "cpu_load", "note"],
+        notes=["ratio_to_dW: time over that of aten.convolution_backward computing the batch's dW and db for the same "
+               "convolution (the layer's share of a training step's backward), measured side by side (on CPU: "
+               "interleaved, median over rounds of the ratio within a round).",
+               "backend 'cpu' of conv_grad_sq_norms is the im2col path chunked over the batch (bounded memory), in "
+               "PyTorch: isgd_kernels has no C++ conv kernel; on CUDA, backend 'cuda' has no kernel yet either.",
+               "method: ghost or materialize per group problem (T = output positions, d = C_in/groups * prod(k), "
+               "p = C_out/groups) by isgd_kernels.choose_method. GB/s counts one read of x and grad_out; TFLOP/s "
+               "the chosen method's algorithmic FLOPs.",
+               "max_rel_err: first 4 examples against float64 per-example weight gradients from torch.func.",
+               "cpu_load: the 1-minute load average after the shape's timing (2 cores: above ~2, other jobs "
+               "competed; small ops such as the depthwise dW suffer the most).",
+               *[f"backend '{b}': {why}." for b, why in left_out.items()]])
+    _plot_conv(rows, out / "conv.png", device)
     return out
 
 
@@ -219,6 +342,30 @@ def _plot_linear(rows, path, device):
     ax.set_xlabel("T (sequence positions)")
     ax.set_ylabel("µs per example")
     ax.set_title(f"linear_grad_sq_norms, d_in = d_out = {rows[0]['d_in']} — {device.type.upper()}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_conv(rows, path, device):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    convs = list(dict.fromkeys(r["conv"] for r in rows))
+    backends = list(dict.fromkeys(r["backend"] for r in rows if r["median_ms"] is not None))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(backends)
+    for i, backend in enumerate(backends):
+        vals = [next((r["ratio_to_dW"] for r in rows if r["conv"] == c and r["backend"] == backend
+                      and r["ratio_to_dW"] is not None), float("nan")) for c in convs]
+        ax.bar([j + i * width for j in range(len(convs))], vals, width, label=backend)
+    ax.set_yscale("log")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(convs))], convs, fontsize=8)
+    ax.set_ylabel("time / batch dW (log)")
+    ax.set_title(f"conv_grad_sq_norms per backend vs the batch weight gradient, {device.type.upper()}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
