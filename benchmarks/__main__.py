@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from benchmarks import field, norms, sampler_report
+from benchmarks import field, norms, sampler_report, trainer_report
 
 GROUPS = {
     "field": (field.run, field.report),
@@ -16,6 +16,7 @@ GROUPS = {
     "scorer": (norms.run_scorer, norms.report_scorer),
     "linear": (norms.run_linear, norms.report_linear),
     "sampler": (sampler_report.run, sampler_report.report),
+    "trainer": (trainer_report.run, trainer_report.report),
 }
 
 
