@@ -245,6 +245,7 @@ def run_worker(config) -> None:
         scorer = isgd_kernels.GradNormScorer(model, backend=config.backend)
         cursor = ChunkCursor(shard_of(rank, world_size - 1, len(data.x_train)), config.chunk_size)
         delay = dict(config.slow_workers).get(rank, 0.0)
+        scorer.norms(data.x_train[:2], data.y_train[:2], XENT)  # first call costs ~1 s once: pay it before start
         dist.barrier()
         version, scored = None, 0
         while not store.check([KEY_STOP]):
