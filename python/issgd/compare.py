@@ -30,7 +30,7 @@ def run_comparison(config: TrainConfig) -> dict:
         trainer = Trainer(cfg)
         summaries[mode] = trainer.run()
         runs[mode] = trainer.records
-    result = {"runs": summaries, "comparison": comparison(runs)}
+    result = {"runs": summaries, "comparison": comparison(runs, summaries["issgd"])}
     (out / "summary.json").write_text(json.dumps(result, indent=1))
     text = table(summaries) + "\n\n" + comparison_text(result["comparison"], summaries)
     (out / "summary.md").write_text(text + "\n")

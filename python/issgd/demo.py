@@ -15,26 +15,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.utils import benchmark
 from tqdm import tqdm
 
 import isgd_kernels
 from isgd_kernels.reference import per_example_grad_norms_loop, per_example_grad_norms_vmap
 from issgd.data import load_digits
-from issgd.diagnostics import sqrt_trace_covariances
+from issgd.diagnostics import mean_grad_sq_norm, sqrt_trace_covariances
 from issgd.models import mlp, paper_mlp
-
-XENT = nn.CrossEntropyLoss(reduction="none")
-
-
-def score_dataset(scorer, x, y, chunk=512):
-    return torch.cat([scorer.norms(x[i:i + chunk], y[i:i + chunk], XENT) for i in range(0, len(x), chunk)])
-
-
-def mean_grad_sq_norm(model, x, y):
-    grads = torch.autograd.grad(XENT(model(x), y).mean(), [p for p in model.parameters() if p.requires_grad])
-    return sum(g.square().sum() for g in grads).item()
+from issgd.scoring import XENT, score_in_chunks
 
 
 def vmap_norms(model, x, y):
@@ -99,7 +88,7 @@ def run_demo(args) -> int:
     history = []
     for epoch in tqdm(range(args.epochs + 1), desc="epochs"):
         model.eval()
-        norms = score_dataset(scorer, x_train, y_train)
+        norms = score_in_chunks(scorer, x_train, y_train)
         gbar2 = mean_grad_sq_norm(model, x_train, y_train)
         with torch.no_grad():
             train_loss = XENT(model(x_train), y_train).mean().item()

@@ -21,18 +21,17 @@ def steps_to_reach(records: list[dict], loss: float) -> int | None:
     return next((r["step"] for r in records if r["train_loss"] <= loss), None)
 
 
-def comparison(runs: dict[str, list[dict]]) -> dict:
-    """Figures of merit of ISSGD against uniform SGD (runs keyed by mode)."""
+def comparison(runs: dict[str, list[dict]], issgd_summary: dict) -> dict:
+    """Figures of merit of ISSGD against uniform SGD (records keyed by mode, and the ISSGD run's
+    summary, which holds its mean sqrt Tr S ratios)."""
     usgd, issgd = runs["usgd"], runs["issgd"]
     target = usgd[-1]["train_loss"]
     reached = steps_to_reach(issgd, target)
-    points = [r for r in issgd if r["step"] > 0 and r["sqrt_tr_uniform"] > 0]
-    avg = lambda key: sum(r[key] / r["sqrt_tr_uniform"] for r in points) / len(points) if points else float("nan")
     return {"usgd_final_train_loss": target, "usgd_steps": usgd[-1]["step"],
             "issgd_steps_to_usgd_final_loss": reached,
             "steps_ratio": reached / usgd[-1]["step"] if reached is not None and usgd[-1]["step"] else None,
-            "issgd_mean_ratio_actual_to_uniform": avg("sqrt_tr_actual"),
-            "issgd_mean_ratio_ideal_to_uniform": avg("sqrt_tr_ideal")}
+            "issgd_mean_ratio_actual_to_uniform": issgd_summary["mean_ratio_actual_to_uniform"],
+            "issgd_mean_ratio_ideal_to_uniform": issgd_summary["mean_ratio_ideal_to_uniform"]}
 
 
 def table(summaries: dict[str, dict]) -> str:
