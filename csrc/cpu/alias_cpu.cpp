@@ -12,7 +12,8 @@
 //           to 4 lights below the current heavy's key with two SIMD compares.
 // Work is claimed dynamically (blocks in passes 1-2, chunk groups in the sweep), so a thread whose
 // core another process is using takes less of it. Instructions per item at N = 1e6 (float32,
-// callgrind): ~41 (pass 1: 2.5, pass 2: 9, sweep: 30), from ~90 with one item per sweep step.
+// callgrind): ~44 (pass 1: 2.5, pass 2: 9.5, sweep: 32), from ~90 with one item per sweep step; at
+// N = 1e7 on one core ~35 ms (pass 1: 2.4, pass 2: 7, sweep: 26), from ~147 (in-place rebuild).
 // Fresh tables are large (120 MB at N = 1e7) and first-touch page faults cost as much as a build
 // (~35 ms per 80 MB with 4 KiB pages on the reference VM), so fresh buffers are advised to use
 // transparent huge pages (~10 ms per 80 MB) and rebuilds reuse the buffers.
@@ -28,8 +29,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -46,7 +49,7 @@
 namespace isgd_kernels {
 namespace {
 
-constexpr int64_t kBlock = 1024;               // items per summary block: a co-rank probe scans one
+constexpr int64_t kBlock = 1024;               // items per summary block (counts, prefix sums)
 constexpr int64_t kClaim = 32;                 // blocks per dynamic claim in passes 1 and 2
 constexpr int64_t kMinItemsPerChunk = 1 << 16;  // below this a chunk's start-up costs more than it saves
 constexpr int64_t kPrefetchWords = 4;          // how far ahead a stream prefetches s (64-item words)
@@ -149,19 +152,27 @@ void for_claimed(int64_t count, int64_t threads, const F& f) {
     for (int64_t i = 0; i < count; ++i) f(i);
     return;
   }
-  struct Counters {
+  struct Shared {
     std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::exception_ptr error;  // the first exception, rethrown by the caller (the pool drops them)
   };
-  auto ctr = std::make_shared<Counters>();
-  auto work = [ctr, count, &f] {
-    for (int64_t i; (i = ctr->next.fetch_add(1, std::memory_order_relaxed)) < count;) {
-      f(i);
-      ctr->done.fetch_add(1, std::memory_order_release);
+  auto sh = std::make_shared<Shared>();
+  auto work = [sh, count, &f] {
+    for (int64_t i; (i = sh->next.fetch_add(1, std::memory_order_relaxed)) < count;) {
+      try {
+        f(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(sh->mu);
+        if (!sh->error) sh->error = std::current_exception();
+      }
+      sh->done.fetch_add(1, std::memory_order_release);
     }
   };
   for (int64_t t = 1; t < threads; ++t) at::launch(work);
   work();
-  while (ctr->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+  while (sh->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+  if (sh->error) std::rethrow_exception(sh->error);
 }
 
 #ifdef ISGD_ALIAS_SSE2
@@ -571,9 +582,8 @@ struct Builder {
       head = 0;
       const int64_t n = bd->n;
       const uint64_t* mk = bd->mask;
-      // s from pass 2. Entries read here are not overwritten yet: lights never are, and a heavy's
-      // entry changes only once the heavy is placed, after it was extracted. (Heavies of the next
-      // chunk read in the last word are dropped; the one-heavy lookahead's key is never used.)
+      // s from pass 2. Entries read here are not overwritten yet: lights' never are, and a heavy's
+      // only once it is placed, after it was extracted (by the thread sweeping its chunk).
       const double* sp = bd->thr;
       I* ip = idx;
       double* kp = key;
@@ -608,29 +618,31 @@ struct Builder {
             bits &= bits - 1;
           }
         }
+        pos = base + 64;
+        if (c - c0 > left) {  // past this stream's last item: drop the rest of the word
+          c = c0 + left;
+          pos = static_cast<int64_t>(idx[c - 1]) + 1;
+        }
+        left -= c - c0;
+        // The heavy stream's last entry is the next chunk's first heavy: only its index is used (the
+        // alias of this chunk's last heavy), and its entry may already hold that chunk's threshold.
+        const int64_t ck = (!light && left == 0) ? c - 1 : c;
         const double base_key = hi + lo;
         double local = 0.0;
         if (light) {
 #pragma GCC unroll 2
-          for (int64_t q = c0; q < c; ++q) {
+          for (int64_t q = c0; q < ck; ++q) {
             kp[q] = base_key + local;
             local += 1.0 - sp[ip[q]];
           }
         } else {
 #pragma GCC unroll 2
-          for (int64_t q = c0; q < c; ++q) {
+          for (int64_t q = c0; q < ck; ++q) {
             local += sp[ip[q]] - 1.0;
             kp[q] = base_key + local;
           }
+          if (ck < c) kp[ck] = std::numeric_limits<double>::infinity();
         }
-        pos = base + 64;
-        if (c - c0 > left) {  // past this stream's last item: drop the rest of the word
-          c = c0 + left;
-          pos = static_cast<int64_t>(idx[c - 1]) + 1;
-          local = 0.0;
-          for (int64_t q = c0; q < c; ++q) local += light ? 1.0 - sp[ip[q]] : sp[ip[q]] - 1.0;
-        }
-        left -= c - c0;
         double t, err;
         two_sum(hi, local, t, err);
         hi = t;
