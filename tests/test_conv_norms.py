@@ -236,9 +236,11 @@ def test_cpp_long_and_deep_inputs(device, backend):
 def test_cpp_kernel_paths(device, backend):
     """Sizes that pick each CPU materialize path: the AVX-512 dot blocks (T >= 64; rows and columns that
     are not multiples of the 6 x 4 block, a masked tail, several chunks of positions), the at::mm path
-    (T < 64), the dot loops (tiny problems); half inputs and a channels-last grad_out (gathered G)."""
+    (T < 64, or fewer items than threads), the dot loops (tiny problems); half inputs and a
+    channels-last grad_out (gathered G)."""
     for x_shape, c_out, kw in [
         ((2, 3, 9, 11), 13, dict(kernel_size=3, padding=1)),            # T = 99, d + 1 = 28, p = 13
+        ((1, 3, 9, 11), 13, dict(kernel_size=3, padding=1)),            # one item: threaded at::mm
         ((2, 4, 2500), 6, dict(kernel_size=3, stride=1, dilation=3)),  # T = 2494: 3 chunks
         ((2, 16, 7, 7), 32, dict(kernel_size=3, padding=1, groups=2)),  # T = 49
         ((3, 2, 6, 5), 2, dict(kernel_size=2, groups=2)),               # tiny

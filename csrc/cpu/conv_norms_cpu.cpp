@@ -5,10 +5,13 @@
 // with its own buffers, so memory is O(threads * buffers) whatever the batch size, and nothing of
 // size B * T * d (the unfolded input) or B * d * p (per-example gradients) is ever allocated:
 //
-// materialize: for chunks of output positions, gather the chunk's patches from x (implicit im2col by
-//   index arithmetic: rows (c, kd, kh, kw) of U^T, contiguous runs of x rows) into the thread's
-//   (d, chunk) buffer, and accumulate W^T += U^T G (d, p) with one BLAS GEMM (at::mm) per chunk;
-//   ||W||_F^2 at the end. 2 T d p FLOPs, the dW GEMM of a training step.
+// materialize: ||W||_F^2 with W^T = U^T G (d, p), 2 T d p FLOPs (the dW GEMM of a training step).
+//   Patches are gathered from x by index arithmetic (implicit im2col: rows (c, kd, kh, kw) of U^T,
+//   contiguous runs of x rows) for a chunk of output positions at a time, then
+//   - fp32 (and fp16/bf16) on AVX-512 CPUs: 6 rows of U^T at a time, gathered into L1, are dotted with
+//     every row of G^T, 6 x 4 sums per AVX-512 block, vectors along positions (no packing);
+//   - otherwise: the chunk's whole U^T goes into the thread's buffer and one BLAS GEMM (at::mm)
+//     accumulates W^T; ||W||_F^2 at the end.
 // ghost: gather the item's whole U^T (d, T) (ghost is picked when T (d + p) < d p, so this is smaller
 //   than the item's weight gradient), then row strips of the T x T Gram matrices of U and G by GEMM,
 //   upper triangle only, multiplied and reduced strip by strip. 2 T^2 (d + p) FLOPs.
@@ -329,12 +332,13 @@ at::Tensor matrix(acc_t* data, int64_t rows, int64_t cols, int64_t row_stride, i
 //
 // With a bias, U^T gets one more row of ones: G^T [U, 1] = [dW, db], so the GEMM (or the Gram matrix
 // U U^T + 1 1^T) yields the bias term too, and grad_out is read by the GEMM only, never by a separate
-// pass (that pass cost ~7% of the op on the scorer benchmark CNN).
+// pass (that pass cost ~7% of the op on the benchmark CNN).
 template <typename scalar_t, typename acc_t>
 class Worker {
  public:
-  Worker(const ConvGeometry& geo, ConvMethod method, bool bias)
-      : geo_(geo), method_(method), T_(geo.T), K_(geo.K), Kx_(geo.K + (bias ? 1 : 0)), P_(geo.pg),
+  // threaded_gemm: items run one by one and each at::mm uses every thread (the dot blocks would not).
+  Worker(const ConvGeometry& geo, ConvMethod method, bool bias, bool threaded_gemm)
+      : geo_(geo), method_(method), threaded_gemm_(threaded_gemm), T_(geo.T), K_(geo.K), Kx_(geo.K + (bias ? 1 : 0)), P_(geo.pg),
         taps_(make_taps(geo)) {
     int64_t t_stride = 0;
     g_view_ = std::is_same_v<scalar_t, acc_t> && flat_positions(geo, &t_stride) && t_stride == 1;
@@ -384,7 +388,7 @@ class Worker {
  private:
   bool use_dot_path() const {
 #ifdef ISGD_DOT_AVX512
-    return std::is_same_v<acc_t, float> && !direct_ && T_ >= kDotMinPositions && cpu_has_avx512();
+    return std::is_same_v<acc_t, float> && !direct_ && !threaded_gemm_ && T_ >= kDotMinPositions && cpu_has_avx512();
 #else
     return false;
 #endif
@@ -508,6 +512,7 @@ class Worker {
 
   const ConvGeometry& geo_;
   const ConvMethod method_;
+  const bool threaded_gemm_;
   const int64_t T_, K_, Kx_, P_;  // Kx_: rows of U^T, K_ plus the ones row with a bias
   const std::vector<Tap> taps_;
   bool g_view_ = false, direct_ = false, dot_ = false;
@@ -531,17 +536,18 @@ at::Tensor conv_grad_sq_norms_cpu(const at::Tensor& x, const at::Tensor& grad_ou
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     acc_t* out = partial.mutable_data_ptr<acc_t>();
+    // Fewer items than threads (a single large example): run them one by one so that each GEMM can
+    // use every thread itself.
+    const bool serial = items < at::get_num_threads();
     auto body = [&](int64_t begin, int64_t end) {
-      Worker<scalar_t, acc_t> worker(geo, how, bias);
+      Worker<scalar_t, acc_t> worker(geo, how, bias, serial);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / geo.groups, grp = i % geo.groups;
         out[i] = worker.run(xp + b * geo.sx[0] + grp * geo.cg * geo.sx[1],
                             gp + b * geo.sg[0] + grp * geo.pg * geo.sg[1]);
       }
     };
-    // Fewer items than threads (a single large example): run them one by one so that each GEMM can
-    // use every thread itself.
-    if (items < at::get_num_threads()) {
+    if (serial) {
       body(0, items);
     } else {
       at::parallel_for(0, items, 1, body);
