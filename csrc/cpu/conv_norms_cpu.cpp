@@ -338,7 +338,13 @@ class Worker {
  public:
   // threaded_gemm: items run one by one and each at::mm uses every thread (the dot blocks would not).
   Worker(const ConvGeometry& geo, ConvMethod method, bool bias, bool threaded_gemm)
-      : geo_(geo), method_(method), threaded_gemm_(threaded_gemm), T_(geo.T), K_(geo.K), Kx_(geo.K + (bias ? 1 : 0)), P_(geo.pg),
+      : geo_(geo),
+        method_(method),
+        threaded_gemm_(threaded_gemm),
+        T_(geo.T),
+        K_(geo.K),
+        Kx_(geo.K + (bias ? 1 : 0)),
+        P_(geo.pg),
         taps_(make_taps(geo)) {
     int64_t t_stride = 0;
     g_view_ = std::is_same_v<scalar_t, acc_t> && flat_positions(geo, &t_stride) && t_stride == 1;
@@ -355,8 +361,8 @@ class Worker {
       chunk_ = std::min(T_, ceil_div(ceil_div(T_, ceil_div(T_, kDotChunk)), 16) * 16);
       rows_pad_ = ceil_div(Kx_, kDotRows) * kDotRows;
       cols_pad_ = ceil_div(P_, kDotCols) * kDotCols;
-      // Row stride of the gathered block: one cache line more than the chunk, so that its rows do not
-      // share L1 sets (rows of 1024 floats are exactly 4 KiB apart).
+      // Row stride of the gathered block: one cache line more than the chunk, so that rows of a
+      // 1024-position chunk are not exactly 4 KiB apart (the same L1 set).
       lda_ = ceil_div(chunk_, 16) * 16 + 16;
       u_.resize(kDotRows * lda_);
       g_tail_.resize(kDotCols * lda_);
@@ -388,7 +394,8 @@ class Worker {
  private:
   bool use_dot_path() const {
 #ifdef ISGD_DOT_AVX512
-    return std::is_same_v<acc_t, float> && !direct_ && !threaded_gemm_ && T_ >= kDotMinPositions && cpu_has_avx512();
+    return std::is_same_v<acc_t, float> && !direct_ && !threaded_gemm_ && T_ >= kDotMinPositions &&
+           cpu_has_avx512();
 #else
     return false;
 #endif
