@@ -37,7 +37,10 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether the compiled extension registered `isgd_kernels::<op>` for `dispatch_key`."""
     if _C is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"isgd_kernels::{op}", dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"isgd_kernels::{op}", dispatch_key)
+    except RuntimeError:  # the op has no schema at all: a stale build that predates it
+        return False
 
 
 def backend_available(backend: str, device: torch.device, op: str) -> bool:

@@ -6,6 +6,10 @@ gradients w.r.t. the layer outputs only, with every parameter temporarily not re
 autograd never runs the weight-gradient GEMMs: scoring costs about a forward plus an input-gradient
 backward. Each layer's rule turns (A, G) into per-example squared norms; their sum over layers is
 ||grad_theta l_i||^2.
+
+The rules run inside the backward pass, as each layer's G arrives (an identity autograd "tap" on
+every scored output), and free that layer's A right away: at no point are all layers' G held at
+once, so the pass needs no more memory than a training step.
 """
 from __future__ import annotations
 
@@ -32,7 +36,6 @@ class LayerCapture:
     module: nn.Module
     trainable: dict[str, bool]  # direct parameter name -> requires_grad at the start of the pass
     inputs: tuple = ()
-    output: torch.Tensor | None = None
     calls: int = 0
 
 
@@ -56,6 +59,26 @@ def _linear_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> 
 RULES: dict[type, Rule] = {
     nn.Linear: _linear_rule,
 }
+
+
+class _NormTap(torch.autograd.Function):
+    """Identity on a layer's output whose backward applies the layer's rule to the arriving gradient.
+
+    Every tap also takes the pass's scalar `anchor` leaf: differentiating the loss w.r.t. the anchor
+    reaches every tap (and only the taps), so autograd runs nothing below the first scored layer and
+    returns nothing big. The tap returns `output.detach()` (same storage, not an autograd view) so that
+    in-place ops after the layer (ReLU(inplace=True)) behave exactly as in the plain model.
+    """
+
+    @staticmethod
+    def forward(ctx, output, anchor, cap, norm_fn):
+        ctx.cap, ctx.norm_fn = cap, norm_fn
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        ctx.norm_fn(ctx.cap, grad_output)
+        return grad_output, None, None, None
 
 
 def register_rule(module_type: type, rule: Rule) -> None:
@@ -139,13 +162,18 @@ class GradNormScorer:
             self._refuse_batch_mixing()
             for p in params:  # no parameter in the graph: autograd runs no weight-gradient GEMM
                 p.requires_grad_(False)
+            anchor = torch.zeros((), device=args[0].device, requires_grad=True)
+            total = _NormTotal(self.backend)
             for cap in captures:
-                handles.append(cap.module.register_forward_hook(self._make_hook(cap, batch)))
+                handles.append(cap.module.register_forward_hook(self._make_hook(cap, batch, anchor, total)))
             with torch.enable_grad():
                 outputs = model(*args)
                 losses = loss_fn(outputs, targets)
                 self._check_losses(losses, batch)
-                sq = self._sq_norms(captures, losses, batch, args[0].device)
+                self._check_all_called(captures)
+                if captures and losses.requires_grad:
+                    torch.autograd.grad(losses.sum(), anchor, allow_unused=True)
+            sq = total.value(batch, args[0].device, torch.float64 if losses.dtype == torch.float64 else torch.float32)
         finally:
             for h in handles:
                 h.remove()
@@ -166,7 +194,7 @@ class GradNormScorer:
                     "with eval_mode=True (running statistics), or replace it with GroupNorm/LayerNorm.")
 
     @staticmethod
-    def _make_hook(cap: LayerCapture, batch: int):
+    def _make_hook(cap: LayerCapture, batch: int, anchor: torch.Tensor, total: "_NormTotal"):
         def hook(module, inputs, output):
             cap.calls += 1
             if cap.calls > 1:
@@ -178,13 +206,9 @@ class GradNormScorer:
                 raise ValueError(
                     f"GradNormScorer: module '{cap.name}' produced output {shape}, expected batch-first (B={batch}, "
                     "...). The scorer needs every scored layer to see the batch in dim 0 (use batch_first=True).")
-            if not output.requires_grad:
-                # Nothing upstream needs a gradient: make this output the leaf we differentiate to.
-                output = output.detach().requires_grad_()
             # Activations are data for the norm kernels, not part of the graph to differentiate.
             cap.inputs = tuple(i.detach() if isinstance(i, torch.Tensor) else i for i in inputs)
-            cap.output = output
-            return output
+            return _NormTap.apply(output, anchor, cap, total.add)
 
         return hook
 
@@ -200,23 +224,33 @@ class GradNormScorer:
             idx = bad.nonzero().flatten()[:10].tolist()
             raise ValueError(f"GradNormScorer: loss_fn returned non-finite losses for examples {idx}")
 
-    def _sq_norms(self, captures, losses, batch, device) -> torch.Tensor:
+    @staticmethod
+    def _check_all_called(captures) -> None:
         for cap in captures:
             if cap.calls == 0:
                 raise ValueError(
                     f"GradNormScorer: module '{cap.name}' ({type(cap.module).__name__}) has trainable parameters but "
                     "was not called in forward (its parameters may be used by another module directly). Freeze it "
                     "(requires_grad_(False)) if it is unused.")
-        outputs = [cap.output for cap in captures]
-        grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else []
-        dtype = torch.float64 if losses.dtype == torch.float64 else torch.float32
-        total = torch.zeros(batch, device=device, dtype=dtype)
-        for cap, grad in zip(captures, grads):
-            if grad is None:  # the layer does not reach the loss: zero gradient
-                continue
-            total += RULES[type(cap.module)](cap, grad, self.backend).to(dtype)
-            cap.inputs, cap.output = (), None  # free activations early
-        return total
+
+
+class _NormTotal:
+    """Running sum of the layers' per-example squared norms, filled by the taps during backward.
+    A layer that does not reach the loss never gets a gradient and adds nothing (its norm is 0)."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.sum: torch.Tensor | None = None
+
+    def add(self, cap: LayerCapture, grad_output: torch.Tensor) -> None:
+        sq = RULES[type(cap.module)](cap, grad_output, self.backend)
+        cap.inputs = ()  # free the layer's activations as soon as its norm is known
+        self.sum = sq.double() if self.sum is None else self.sum + sq.double()
+
+    def value(self, batch: int, device, dtype) -> torch.Tensor:
+        if self.sum is None:
+            return torch.zeros(batch, device=device, dtype=dtype)
+        return self.sum.to(dtype)
 
 
 def per_example_grad_norms(model: nn.Module, loss_fn: LossFn, inputs, targets, *, backend: str = "auto",

@@ -254,6 +254,7 @@ def test_batch_norm_training_is_refused_by_rule():
 
 def test_unbatched_instance_norm_is_refused():
     model = nn.Sequential(nn.InstanceNorm1d(3, affine=True), nn.Flatten(0), nn.Linear(15, 3)).double()
+    model[2].requires_grad_(False)  # scored, the flattened Linear would be refused first (rules run last layer first)
 
     def loss_fn(out, y):  # a (3,) output the scorer takes as 3 "examples"
         return out - y

@@ -242,3 +242,68 @@ def test_seq_first_layout_is_refused():
 
     with pytest.raises(ValueError, match="batch-first"):
         GradNormScorer(SeqFirst()).norms(torch.randn(2, 5, 4), torch.tensor([0, 1]), xent)
+
+
+class InplaceCNN(nn.Module):
+    """conv -> BatchNorm (eval) -> ReLU(inplace) -> conv -> ReLU(inplace) -> pool -> linear: in-place ops
+    right after scored layers, as in torchvision ResNets."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 5, 3, stride=2)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x):
+        h = torch.relu_(self.bn1(self.conv1(x)))
+        h = nn.functional.relu(self.conv2(h), inplace=True)
+        return self.head(h.mean((2, 3)))
+
+
+def test_inplace_ops_after_scored_layers():
+    torch.manual_seed(5)
+    model = InplaceCNN().double().eval()
+    model.bn1.running_mean.uniform_(-1, 1)
+    model.bn1.running_var.uniform_(0.5, 2)
+    x, y = torch.randn(6, 3, 9, 9, dtype=torch.float64), torch.randint(0, 4, (6,))
+    assert_close_rel(per_example_grad_norms(model, xent, x, y), vmap_norms(model, xent, x, y), 1e-10)
+
+
+def test_input_that_requires_grad_is_left_alone():
+    torch.manual_seed(6)
+    model = mlp()
+    x, y = torch.randn(5, 23, dtype=torch.float64, requires_grad=True), torch.randint(0, 5, (5,))
+    got = per_example_grad_norms(model, xent, x, y)
+    assert x.grad is None
+    assert_close_rel(got, vmap_norms(model, xent, x.detach(), y), 1e-10)
+
+
+def test_each_layer_is_scored_as_its_gradient_arrives():
+    """The rules run inside backward, last layer first, and each frees its layer's activations before the
+    next layer's gradient is computed: the pass never holds every layer's output gradient at once."""
+    from isgd_kernels import scorer as scorer_module
+
+    model = mlp(widths=(8, 7, 6)).float()
+    seen = []
+    linear_rule = scorer_module.RULES[nn.Linear]
+
+    def spying_rule(cap, grad_output, backend):
+        captured = [c for c in scorer.last_captures if c.inputs]
+        seen.append((cap.name, sorted(c.name for c in captured)))
+        return linear_rule(cap, grad_output, backend)
+
+    scorer = GradNormScorer(model)
+    plan = scorer._plan
+
+    def recording_plan():
+        scorer.last_captures = plan()
+        return scorer.last_captures
+
+    scorer._plan = recording_plan
+    scorer_module.RULES[nn.Linear] = spying_rule
+    try:
+        scorer.norms(torch.randn(4, 23), torch.randint(0, 5, (4,)), xent)
+    finally:
+        scorer_module.RULES[nn.Linear] = linear_rule
+    # When layer k's rule runs, only layers 0..k still hold activations.
+    assert seen == [("6", ["0", "2", "4", "6"]), ("4", ["0", "2", "4"]), ("2", ["0", "2"]), ("0", ["0"])]
