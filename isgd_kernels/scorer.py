@@ -13,6 +13,7 @@ once, so the pass needs no more memory than a training step.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,6 +60,21 @@ def _linear_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> 
 RULES: dict[type, Rule] = {
     nn.Linear: _linear_rule,
 }
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module, enabled: bool = True):
+    """Run the block with `model` in eval mode (when `enabled`), then give every module back its own
+    mode. Unlike ``model.train(was_training)``, this keeps modules that were in eval mode on purpose
+    inside a training model (frozen BatchNorm statistics when fine-tuning) in eval mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        if enabled:
+            model.eval()
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class _NormTap(torch.autograd.Function):
@@ -152,34 +168,32 @@ class GradNormScorer:
         batch = args[0].shape[0]
         captures = self._plan()
         model = self.model
-        was_training = model.training
         params = list(model.parameters())
         requires_grad = [p.requires_grad for p in params]
         handles = []
-        try:
-            if self.eval_mode:
-                model.eval()
-            self._refuse_batch_mixing()
-            for p in params:  # no parameter in the graph: autograd runs no weight-gradient GEMM
-                p.requires_grad_(False)
-            anchor = torch.zeros((), device=args[0].device, requires_grad=True)
-            total = _NormTotal(self.backend)
-            for cap in captures:
-                handles.append(cap.module.register_forward_hook(self._make_hook(cap, batch, anchor, total)))
-            with torch.enable_grad():
-                outputs = model(*args)
-                losses = loss_fn(outputs, targets)
-                self._check_losses(losses, batch)
-                self._check_all_called(captures)
-                if captures and losses.requires_grad:
-                    torch.autograd.grad(losses.sum(), anchor, allow_unused=True)
-            sq = total.value(batch, args[0].device, torch.float64 if losses.dtype == torch.float64 else torch.float32)
-        finally:
-            for h in handles:
-                h.remove()
-            for p, flag in zip(params, requires_grad):
-                p.requires_grad_(flag)
-            model.train(was_training)
+        with evaluating(model, enabled=self.eval_mode):
+            try:
+                self._refuse_batch_mixing()
+                for p in params:  # no parameter in the graph: autograd runs no weight-gradient GEMM
+                    p.requires_grad_(False)
+                anchor = torch.zeros((), device=args[0].device, requires_grad=True)
+                total = _NormTotal(self.backend)
+                for cap in captures:
+                    handles.append(cap.module.register_forward_hook(self._make_hook(cap, batch, anchor, total)))
+                with torch.enable_grad():
+                    outputs = model(*args)
+                    losses = loss_fn(outputs, targets)
+                    self._check_losses(losses, batch)
+                    self._check_all_called(captures)
+                    if captures and losses.requires_grad:
+                        torch.autograd.grad(losses.sum(), anchor, allow_unused=True)
+                acc = torch.float64 if losses.dtype == torch.float64 else torch.float32
+                sq = total.value(batch, args[0].device, acc)
+            finally:
+                for h in handles:
+                    h.remove()
+                for p, flag in zip(params, requires_grad):
+                    p.requires_grad_(flag)
         norms = sq.sqrt()
         return (norms, losses.detach()) if return_losses else norms
 

@@ -100,12 +100,13 @@ def test_grad_mode_and_flags_untouched():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 3)).double()
     model.train()
+    model[1].eval()  # a module kept in eval mode on purpose (e.g. frozen statistics) stays in eval
     model[0].weight.grad = torch.full_like(model[0].weight, 7.0)
     model[3].bias.requires_grad_(False)
     x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
     with torch.no_grad():  # scoring works inside no_grad too
         got = per_example_grad_norms(model, xent, x, y)
-    assert model.training
+    assert [m.training for m in model.modules()] == [True, True, False, True, True]
     assert torch.equal(model[0].weight.grad, torch.full_like(model[0].weight, 7.0))
     assert model[0].bias.grad is None and model[3].weight.grad is None
     assert [p.requires_grad for p in model.parameters()] == [True, True, True, False]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from isgd_kernels.scorer import evaluating
 from issgd.scoring import XENT, score_in_chunks
 
 
@@ -56,11 +57,7 @@ def loss_and_error(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chu
 def variance_diagnostics(model, scorer, x, y, weights: torch.Tensor) -> dict[str, float]:
     """sqrt Tr S (uniform, ideal, actual) at the current parameters over (x, y), whose sampling
     weights are ``weights``. Puts the model in eval mode and restores its mode."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         norms = score_in_chunks(scorer, x, y)
         sd = sqrt_trace_covariances(norms, mean_grad_sq_norm(model, x, y), weights)
-    finally:
-        model.train(was_training)
     return {f"sqrt_tr_{k}": v for k, v in sd.items()}

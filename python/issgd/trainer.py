@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 import isgd_kernels
+from isgd_kernels.scorer import evaluating
 from issgd.data import load_dataset
 from issgd.diagnostics import loss_and_error, variance_diagnostics
 from issgd.distributed import ScoringPool, launched_by_torchrun
@@ -205,11 +206,9 @@ class Trainer:
         weights = (self.board.weights() if cfg.mode == "issgd" else torch.ones(self.n, dtype=torch.float64))
         rec = {"step": self.step, "epoch": self.step * cfg.batch_size / self.n, "seconds": self.seconds}
         rec.update(variance_diagnostics(self.model, self.scorer, x, y, weights.to(self.device)[self.diag_index]))
-        was_training = self.model.training
-        self.model.eval()
-        rec["train_loss"], rec["train_error"] = loss_and_error(self.model, x, y)
-        rec["valid_loss"], rec["valid_error"] = loss_and_error(self.model, self.data.x_valid, self.data.y_valid)
-        self.model.train(was_training)
+        with evaluating(self.model):
+            rec["train_loss"], rec["train_error"] = loss_and_error(self.model, x, y)
+            rec["valid_loss"], rec["valid_error"] = loss_and_error(self.model, self.data.x_valid, self.data.y_valid)
         rec["batch_loss"] = float(torch.stack(self._losses).mean()) if self._losses else float("nan")
         self._losses.clear()
         if cfg.mode == "issgd":
