@@ -78,12 +78,25 @@ def backend_unavailable_reason(backend: str, device: torch.device, op: str) -> s
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 
+_RESOLVED: dict[tuple, str] = {}
+
+
 def resolve_backend(backend: str, device: torch.device, ops: tuple[str, ...],
                     order: dict[str, tuple[str, ...]] = AUTO_ORDER) -> str:
     """Turn "auto" into the first backend of `order[device.type]` that can run every op in `ops`;
-    check that an explicit backend can, raising an error that says how to get it otherwise."""
+    check that an explicit backend can, raising an error that says how to get it otherwise.
+    Memoized: availability does not change within a process, and the scorer asks once per layer."""
+    candidates = order.get(device.type, ("torch",))
+    key = (backend, device.type, ops, candidates, triton_interpreted())
+    resolved = _RESOLVED.get(key)
+    if resolved is None:
+        resolved = _RESOLVED[key] = _resolve_backend(backend, device, ops, candidates)
+    return resolved
+
+
+def _resolve_backend(backend: str, device: torch.device, ops: tuple[str, ...], candidates: tuple[str, ...]) -> str:
     if backend == "auto":
-        for candidate in order.get(device.type, ("torch",)):
+        for candidate in candidates:
             if all(backend_available(candidate, device, op) for op in ops):
                 return candidate
         return "torch"

@@ -179,21 +179,6 @@ def _cpp_op_built() -> bool:
     return _extension._C is not None and hasattr(torch.ops.isgd_kernels, _CPP_OP)
 
 
-def _resolve_conv_backend(backend: str, device: torch.device) -> str:
-    """"auto" -> triton / cuda / torch on CUDA tensors, cpu / torch on CPU tensors (first available);
-    an explicit backend is checked, with the standard error when it cannot run here. The C++ op name
-    serves every backend: availability of "triton" and "torch" does not depend on it."""
-    if _extension._C is not None and not _cpp_op_built():
-        if backend in ("cpu", "cuda"):
-            raise RuntimeError(f"isgd_kernels: backend '{backend}' is unavailable: isgd_kernels._C was built "
-                               f"without the {_OP} kernel; {_extension._REBUILD_HINT}")
-        if backend == "auto":
-            order = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
-            return resolve_backend(backend, device, (_OP,), order)
-        return resolve_backend(backend, device, (_OP,))
-    return resolve_backend(backend, device, (_CPP_OP,))
-
-
 def _cpp_method(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, groups: int, method: str) -> str:
     """The cost rule of isgd_kernels.cost applied to one group's (T, d, p) problem."""
     T = math.prod(grad_out.shape[2:])
@@ -202,12 +187,13 @@ def _cpp_method(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, groups: in
 
 # ---------------------------------------------------------------------------------- the custom op
 
-@torch.library.custom_op("isgd_kernels::conv_grad_sq_norms", mutates_args=())
-def _conv_grad_sq_norms_op(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: list[int], stride: list[int],
-                           padding: list[int], dilation: list[int], groups: int, bias: bool, backend: str,
-                           method: str) -> torch.Tensor:
-    """x (B, C_in, *S), grad_out (B, C_out, *O), validated; padding per side [lo_0, hi_0, ...] -> (B,)."""
-    backend = _resolve_conv_backend(backend, x.device)
+def conv_grad_sq_norms_impl(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: list[int], stride: list[int],
+                            padding: list[int], dilation: list[int], groups: int, bias: bool, backend: str,
+                            method: str) -> torch.Tensor:
+    """The body of the custom op: x (B, C_in, *S), grad_out (B, C_out, *O), validated; padding per side
+    [lo_0, hi_0, ...] -> (B,). GradNormScorer's rule calls it directly (see ops.linear_grad_sq_norms_impl)."""
+    # The C++ op's name serves every backend: a build without it (stale) leaves triton / torch.
+    backend = resolve_backend(backend, x.device, (_CPP_OP,))
     if x.shape[0] == 0:
         return x.new_empty(0, dtype=accumulation_dtype(x.dtype))
     if backend == "triton":
@@ -220,6 +206,10 @@ def _conv_grad_sq_norms_op(x: torch.Tensor, grad_out: torch.Tensor, kernel_size:
                                                           groups, bias,
                                                           _cpp_method(x, grad_out, kernel_size, groups, method))
     return _conv_torch_chunked(x, grad_out, kernel_size, stride, padding, dilation, groups, bias, method)
+
+
+_conv_grad_sq_norms_op = torch.library.custom_op("isgd_kernels::conv_grad_sq_norms", mutates_args=())(
+    conv_grad_sq_norms_impl)
 
 
 @_conv_grad_sq_norms_op.register_fake
@@ -256,6 +246,14 @@ def conv_grad_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, *, kernel_size, 
         weight gradient of a grouped convolution is the sum over groups. Mixed input dtypes are
         promoted to the wider one.
     """
+    args = conv_op_args(x, grad_out, kernel_size, stride, padding, dilation, groups, backend, method)
+    return torch.ops.isgd_kernels.conv_grad_sq_norms(*args, bias, backend, method)
+
+
+def conv_op_args(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, stride, padding, dilation, groups: int,
+                 backend: str = "auto", method: str = "auto"):
+    """Validate the arguments of conv_grad_sq_norms; return (x, grad_out, kernel_size, stride, padding per
+    side, dilation, groups) as the op takes them (lists of ints, x and grad_out of one dtype)."""
     _check_pair(x, grad_out, "x", "grad_out", _OP)
     if x.dim() not in (3, 4, 5):
         raise ValueError(f"{_OP}: x must be (B, C_in, *spatial) with 1, 2 or 3 spatial dims, "
@@ -297,8 +295,7 @@ def conv_grad_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, *, kernel_size, 
     if x.dtype != grad_out.dtype:
         common = torch.promote_types(x.dtype, grad_out.dtype)
         x, grad_out = x.to(common), grad_out.to(common)
-    return torch.ops.isgd_kernels.conv_grad_sq_norms(x, grad_out, list(ks), list(st), pad, list(dil), groups,
-                                                     bias, backend, method)
+    return x, grad_out, list(ks), list(st), pad, list(dil), groups
 
 
 # ------------------------------------------------------------------------------------ scorer rule
@@ -330,9 +327,9 @@ def conv_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> tor
     if module.padding_mode != "zeros":
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
         padding = 0
-    return conv_grad_sq_norms(x, grad_output, kernel_size=module.kernel_size, stride=module.stride,
-                              padding=padding, dilation=module.dilation, groups=module.groups, bias=with_bias,
-                              backend=backend)
+    args = conv_op_args(x, grad_output, module.kernel_size, module.stride, padding, module.dilation, module.groups,
+                        backend)
+    return conv_grad_sq_norms_impl(*args, with_bias, backend, "auto")
 
 
 for _cls in _CONV_RANK:

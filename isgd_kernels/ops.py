@@ -38,10 +38,12 @@ def _linear_triton(method: str) -> Callable[[torch.Tensor, torch.Tensor, bool], 
     }[method]
 
 
-@torch.library.custom_op("isgd_kernels::linear_grad_sq_norms", mutates_args=())
-def _linear_grad_sq_norms_op(x: torch.Tensor, grad_out: torch.Tensor, bias: bool, backend: str,
-                             method: str) -> torch.Tensor:
-    """x (B, T, d_in), grad_out (B, T, d_out), validated -> (B,) squared norms."""
+def linear_grad_sq_norms_impl(x: torch.Tensor, grad_out: torch.Tensor, bias: bool, backend: str,
+                              method: str) -> torch.Tensor:
+    """The body of the custom op: x (B, T, d_in), grad_out (B, T, d_out), validated -> (B,).
+
+    GradNormScorer's rules call it directly (eager, on detached activations inside backward): the
+    custom-op wrapper costs about as much as a small layer's kernel."""
     B, T, d_in = x.shape
     resolved = choose_method(T, d_in, grad_out.shape[2], method)
     ops = (_LINEAR_CPP_OPS[resolved],)
@@ -51,6 +53,10 @@ def _linear_grad_sq_norms_op(x: torch.Tensor, grad_out: torch.Tensor, bias: bool
     if backend == "triton":
         return _linear_triton(resolved)(x, grad_out, bias)
     return getattr(torch.ops.isgd_kernels, ops[0])(x, grad_out, bias)
+
+
+_linear_grad_sq_norms_op = torch.library.custom_op("isgd_kernels::linear_grad_sq_norms", mutates_args=())(
+    linear_grad_sq_norms_impl)
 
 
 @_linear_grad_sq_norms_op.register_fake
@@ -102,6 +108,13 @@ def linear_grad_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, *, bias: bool 
         (B,) float32 (float64 for float64 inputs): ``||dL_i/dW||^2 (+ ||dL_i/db||^2)``.
         Mixed input dtypes are promoted to the wider one.
     """
+    x, grad_out = linear_op_args(x, grad_out, backend, method)
+    return torch.ops.isgd_kernels.linear_grad_sq_norms(x, grad_out, bias, backend, method)
+
+
+def linear_op_args(x: torch.Tensor, grad_out: torch.Tensor, backend: str = "auto",
+                   method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate the arguments of linear_grad_sq_norms; return x, grad_out as (B, T, d) of one dtype."""
     op = "linear_grad_sq_norms"
     _check_pair(x, grad_out, "x", "grad_out", op)
     if x.dim() < 2 or grad_out.dim() < 2:
@@ -122,4 +135,4 @@ def linear_grad_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, *, bias: bool 
         x, grad_out = x.unsqueeze(1), grad_out.unsqueeze(1)
     elif x.dim() > 3:
         x, grad_out = x.flatten(1, -2), grad_out.flatten(1, -2)
-    return torch.ops.isgd_kernels.linear_grad_sq_norms(x, grad_out, bias, backend, method)
+    return x, grad_out

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from isgd_kernels.ops import linear_grad_sq_norms
+from isgd_kernels.ops import linear_grad_sq_norms_impl, linear_op_args
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -48,7 +48,7 @@ def _linear_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> 
     x = cap.inputs[0]
     with_bias = cap.module.bias is not None and cap.trainable.get("bias", False)
     if cap.trainable.get("weight", False):
-        return linear_grad_sq_norms(x, grad_output, bias=with_bias, backend=backend)
+        return linear_grad_sq_norms_impl(*linear_op_args(x, grad_output, backend), with_bias, backend, "auto")
     # Only the bias is trainable: ||sum_t delta_t||^2.
     g = grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1]).to(torch.float32
                                                                                if grad_output.dtype != torch.float64

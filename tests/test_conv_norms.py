@@ -419,12 +419,20 @@ def test_unavailable_backends_say_so():
     x, g = make_inputs((2, 3, 5, 5), 4, kw)
     with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
         conv_grad_sq_norms(x, g, backend="cuda", **kw)
-    resolve = isgd_kernels.conv._resolve_conv_backend
+
+    def resolve(backend, device, ops=(isgd_kernels.conv._CPP_OP,)):
+        return _extension.resolve_backend(backend, torch.device(device), ops)
+
     with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable.*needs CUDA tensors"):
-        resolve("cuda", torch.device("cpu"))
+        resolve("cuda", "cpu")
     with pytest.raises(RuntimeError, match="backend 'cpu' is unavailable.*needs CPU tensors"):
-        resolve("cpu", torch.device("cuda"))
-    assert resolve("auto", torch.device("cpu")) == "cpu"
+        resolve("cpu", "cuda")
+    if _extension._C is not None:
+        assert resolve("auto", "cpu") == "cpu"
+    # A stale build of the extension that predates an op: "auto" falls back, an explicit request says why.
+    assert resolve("auto", "cpu", ("_op_from_a_newer_checkout",)) == "torch"
+    with pytest.raises(RuntimeError, match="has no CPU kernel for _op_from_a_newer_checkout.*rebuild"):
+        resolve("cpu", "cpu", ("_op_from_a_newer_checkout",))
 
 
 def test_mixed_dtypes_promote():

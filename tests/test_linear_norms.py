@@ -201,6 +201,7 @@ def test_missing_extension_is_reported_not_fatal(monkeypatch):
     """Without the compiled extension, "auto" falls back to torch and an explicit C++ backend says how to build."""
     monkeypatch.setattr(_extension, "_C", None)
     monkeypatch.setattr(_extension, "EXTENSION_ERROR", ImportError("no _C"))
+    monkeypatch.setattr(_extension, "_RESOLVED", {})  # resolutions are memoized per process
     x, g = rand(3, 4, 5), rand(3, 4, 6)
     assert_close_rel(isgd_kernels.linear_grad_sq_norms(x, g), reference_sq_norms(x, g), RTOL[torch.float32])
     with pytest.raises(RuntimeError, match=r"failed to load \(no _C\).*pip install --no-build-isolation"):
