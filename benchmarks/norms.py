@@ -288,8 +288,9 @@ def report_conv(rows, device):
         notes=["ratio_to_dW: time over that of aten.convolution_backward computing the batch's dW and db for the same "
                "convolution (the layer's share of a training step's backward), measured side by side (on CPU: "
                "interleaved, median over rounds of the ratio within a round).",
-               "backend 'cpu' of conv_grad_sq_norms is the im2col path chunked over the batch (bounded memory), in "
-               "PyTorch: isgd_kernels has no C++ conv kernel; on CUDA, backend 'cuda' has no kernel yet either.",
+               "backends: 'cpu' is the C++ kernel (implicit im2col per thread, AVX-512 dot blocks or BLAS), "
+               "'torch' the im2col reference chunked over the batch, 'cuda' the CUDA C++ kernel and 'triton' the "
+               "fused Triton kernels (GPU only).",
                "method: ghost or materialize per group problem (T = output positions, d = C_in/groups * prod(k), "
                "p = C_out/groups) by isgd_kernels.choose_method. GB/s counts one read of x and grad_out; TFLOP/s "
                "the chosen method's algorithmic FLOPs.",
