@@ -180,7 +180,7 @@ class GradNormScorer:
                 total = _NormTotal(self.backend)
                 for cap in captures:
                     handles.append(cap.module.register_forward_hook(self._make_hook(cap, batch, anchor, total)))
-                with torch.enable_grad():
+                with torch.inference_mode(False), torch.enable_grad():
                     outputs = model(*args)
                     losses = loss_fn(outputs, targets)
                     self._check_losses(losses, batch)

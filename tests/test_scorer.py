@@ -308,3 +308,17 @@ def test_each_layer_is_scored_as_its_gradient_arrives():
         scorer_module.RULES[nn.Linear] = linear_rule
     # When layer k's rule runs, only layers 0..k still hold activations.
     assert seen == [("6", ["0", "2", "4", "6"]), ("4", ["0", "2", "4"]), ("2", ["0", "2"]), ("0", ["0"])]
+
+
+def test_scoring_inside_inference_mode():
+    """inference_mode would make every tensor of the pass non-differentiable (norms of 0): the pass
+    turns it off for itself, and accepts inputs created under it."""
+    torch.manual_seed(8)
+    model = mlp()
+    x, y = torch.randn(6, 23, dtype=torch.float64), torch.randint(0, 5, (6,))
+    expected = vmap_norms(model, xent, x, y)
+    with torch.inference_mode():
+        x_inf = x.clone()
+        got = per_example_grad_norms(model, xent, x_inf, y)
+    assert x_inf.is_inference()
+    assert_close_rel(got, expected, 1e-10)
