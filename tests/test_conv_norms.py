@@ -234,24 +234,32 @@ def test_cpp_long_and_deep_inputs(device, backend):
 
 @pytest.mark.parametrize("device,backend", cpp_cases())
 def test_cpp_kernel_paths(device, backend):
-    """Sizes that pick each CPU materialize path: the AVX-512 dot blocks (T >= 64; rows and columns that
-    are not multiples of the 6 x 4 block, a masked tail, several chunks of positions), the at::mm path
-    (T < 64, or fewer items than threads), the dot loops (tiny problems); half inputs and a
-    grad_out with channel stride 1 (G gathered, not viewed)."""
+    """Sizes that pick each CPU materialize path: the AVX-512 outer-product blocks (rows of U^T and
+    channels that are not multiples of a block, column blocks of 2 + 3 vectors, several chunks of
+    positions, one split inside an output row, strides, dilations, asymmetric padding, 3-D, T = 4), the
+    at::mm path (fewer items than threads), the dot loops (tiny problems); half inputs, an x with
+    channel stride 1 and a grad_out with channel stride 1 (G gathered, not viewed)."""
     for x_shape, c_out, kw in [
-        ((2, 3, 9, 11), 13, dict(kernel_size=3, padding=1)),            # T = 99, d + 1 = 28, p = 13
-        ((1, 3, 9, 11), 13, dict(kernel_size=3, padding=1)),            # one item: threaded at::mm
-        ((2, 4, 2500), 6, dict(kernel_size=3, stride=1, dilation=3)),  # T = 2494: 3 chunks
-        ((2, 16, 7, 7), 32, dict(kernel_size=3, padding=1, groups=2)),  # T = 49
-        ((3, 2, 6, 5), 2, dict(kernel_size=2, groups=2)),               # tiny
+        ((2, 3, 9, 11), 13, dict(kernel_size=3, padding=1)),             # T = 99, d + 1 = 28, p = 13
+        ((1, 3, 9, 11), 13, dict(kernel_size=3, padding=1)),             # one item: threaded at::mm
+        ((2, 4, 5000), 6, dict(kernel_size=3, stride=1, dilation=3)),   # T = 4994: 2 chunks
+        ((2, 3, 29, 31), 80, dict(kernel_size=3, padding=1)),           # p = 80; 2 chunks of 450
+        ((2, 16, 7, 7), 32, dict(kernel_size=3, padding=1, groups=2)),   # T = 49
+        ((2, 16, 12, 10), 24, dict(kernel_size=(4, 2), padding="same", dilation=(1, 2), groups=2)),
+        ((2, 32, 11, 11), 20, dict(kernel_size=2, stride=3)),            # stride > kernel
+        ((2, 6, 5, 9, 8), 20, dict(kernel_size=(2, 3, 3), stride=(1, 2, 2), padding=(1, 0, 2),
+                                   dilation=(2, 1, 2))),
+        ((3, 32, 2, 2), 40, dict(kernel_size=3, padding=1)),             # T = 4
+        ((3, 2, 6, 5), 2, dict(kernel_size=2, groups=2)),                # tiny
     ]:
         x, g = make_inputs(x_shape, c_out, kw, device)
         for bias in (True, False):
             got = conv_grad_sq_norms(x, g, bias=bias, backend=backend, method="materialize", **kw)
             assert_close_rel(got, reference_sq_norms(x, g, kw, bias), RTOL[torch.float32], f"{x_shape} bias={bias}")
+        x_cl = x.transpose(1, -1).contiguous().transpose(1, -1)  # channel stride 1
         g_cl = g.transpose(1, -1).contiguous().transpose(1, -1)  # channel stride 1: G is gathered
-        got = conv_grad_sq_norms(x, g_cl, backend=backend, method="materialize", **kw)
-        assert_close_rel(got, reference_sq_norms(x, g, kw), RTOL[torch.float32], f"{x_shape} channel-stride-1 grad_out")
+        got = conv_grad_sq_norms(x_cl, g_cl, backend=backend, method="materialize", **kw)
+        assert_close_rel(got, reference_sq_norms(x, g, kw), RTOL[torch.float32], f"{x_shape} channel-stride-1")
         xh, gh = x.half(), g.half()
         got = conv_grad_sq_norms(xh, gh, backend=backend, method="materialize", **kw)
         assert_close_rel(got, reference_sq_norms(xh, gh, kw), RTOL[torch.float16], f"{x_shape} float16")

@@ -6,12 +6,16 @@
 // size B * T * d (the unfolded input) or B * d * p (per-example gradients) is ever allocated:
 //
 // materialize: ||W||_F^2 with W^T = U^T G (d, p), 2 T d p FLOPs (the dW GEMM of a training step).
-//   Patches are gathered from x by index arithmetic (implicit im2col: rows (c, kd, kh, kw) of U^T,
-//   contiguous runs of x rows) for a chunk of output positions at a time, then
-//   - fp32 (and fp16/bf16) on AVX-512 CPUs: 6 rows of U^T at a time, gathered into L1, are dotted with
-//     every row of G^T, 6 x 4 sums per AVX-512 block, vectors along positions (no packing);
-//   - otherwise: the chunk's whole U^T goes into the thread's buffer and one BLAS GEMM (at::mm)
-//     accumulates W^T; ||W||_F^2 at the end.
+//   - fp32 (and fp16/bf16) on AVX-512 CPUs: outer products, vectors along output channels. The item's
+//     x is copied into a zero-padded buffer that holds every entry of U^T (row (c, kd, kh, kw) = a
+//     pointer, position = an offset: no im2col), G is packed (T, p) by 16 x 16 transposes, and blocks of
+//     rows x channels (6 x 64, 14 x 32, 12 x 16) accumulate in registers over all positions, squared at
+//     the end. Benchmark CNN, B = 64, two threads, 3->32 / 32->64 / 64->64 convs: 0.69 / 3.23 / 2.03 ms
+//     with the dot blocks along positions this replaced, 0.70 / 2.80 / 1.43 ms now (~90% of the FMA
+//     peak on the last two; aten's batched dW: 0.78 / 3.0 / 1.8 ms).
+//   - otherwise: patches are gathered from x by index arithmetic (implicit im2col: rows (c, kd, kh, kw)
+//     of U^T, contiguous runs of x rows) for a chunk of output positions at a time into the thread's
+//     buffer, and one BLAS GEMM (at::mm) accumulates W^T; ||W||_F^2 at the end.
 // ghost: gather the item's whole U^T (d, T) (ghost is picked when T (d + p) < d p, so this is smaller
 //   than the item's weight gradient), then row strips of the T x T Gram matrices of U and G by GEMM,
 //   upper triangle only, multiplied and reduced strip by strip. 2 T^2 (d + p) FLOPs.
@@ -26,8 +30,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -74,87 +80,142 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   return s;
 }
 
+// Positions t, t + 1, ... t + n - 1 of one output row: offsets x, x + stride_w, ... in the padded x.
+struct OuterSeg {
+  int64_t x, n;
+};
+
 #if defined(__GNUC__) && defined(__x86_64__)
-#define ISGD_DOT_AVX512 1
-// Dot products of kDotRows rows of U^T with kDotCols rows of G^T (both contiguous along positions, as
-// x and grad_out are in NC(D)HW): sums[r * kDotCols + c] = sum_t a[r * lda + t] * b[c * ldb + t].
-// Vectors run along t, so neither operand is packed or transposed: the U^T rows come from the gather
-// (in L1) and the G rows straight from grad_out. 24 zmm accumulators, 10 loads per 24 FMAs, then one
-// reduction tree per 16 sums. Compiled for AVX-512 whatever the build flags; called only where the
-// CPU has it (__builtin_cpu_supports), else the at::mm path runs.
-// Against that path (MKL sgemm, which on this AMD Zen 4 VM runs its generic code and packs both
-// operands), B = 64, one thread, materialize: benchmark CNN 3->32 / 32->64 / 64->64 convs 2.1 / 29.6 /
-// 15.7 ms -> 1.8 / 25.1 / 13.4 ms (aten's batched dW of the same layers: 2.2 / 29.4 / 12.5 ms); 64 x 8 x 8
-// positions 4.4 -> 4.1 ms; 4 x 4 positions 1.7 -> 2.2 ms (reductions dominate), hence kDotMinPositions.
-constexpr int kDotRows = 6, kDotCols = 4;
-constexpr int64_t kDotMinPositions = 64;
-constexpr int64_t kDotChunk = 1024;  // positions per chunk: 6 gathered rows = 24 KiB of L1
+#define ISGD_OUTER_AVX512 1
+// W^T (d, p) = U^T G as a sum of outer products, vectors along output channels: a block of R rows of U^T
+// and NV * 16 columns of G keeps R x NV zmm accumulators over all positions of a chunk; per position
+// NV loads of the packed G row, R broadcasts of U^T[r, t] and R * NV FMAs. The block's sums are squared
+// into 16 lanes (or added to W in memory when the positions come in several chunks): no horizontal
+// reduction per block, so short problems run as fast as long ones (the dot blocks along positions that
+// this replaced spent as much on reductions as on FMAs at T = 64, and lost to at::mm below that; now
+// T = 4, 16: 2.8-3.9 / 1.3-1.7 ms with at::mm -> 0.48 / 0.40-0.45 ms, 128 / 64 channels, B = 64).
+// U^T[r, t] is read straight from a zero-padded copy of the item's x (no im2col): row r = (c, kd, kh, kw)
+// is a pointer into it, position t = (od, oh, ow) an offset shared by every row, so the positions of one
+// output row form a segment of offsets x, x + sw, x + 2 sw, ...
+// Compiled for AVX-512 whatever the build flags; called only where the CPU has it, else at::mm runs.
+// Most rows per block for NV = 1 .. 4 vectors of G: 24 accumulators at most, 32 zmm registers.
+constexpr int kOuterMaxRows[4] = {12, 14, 8, 6};
+// Positions per chunk: packed G rows of chunk * NV * 16 floats stay in L2 (2^16 floats, 256 KiB).
+constexpr int64_t kOuterChunkElements = int64_t(1) << 16;
+
+template <int R, int NV>
+__attribute__((target("avx512f,fma"))) void outer_block(const float* const* rows, const OuterSeg* seg,
+                                                         int64_t nseg, int64_t sw, const float* g, int64_t ldg,
+                                                         float* w, int64_t ldw, float* sq16) {
+  __m512 acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  const float* x[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) x[r] = rows[r];
+  for (int64_t s = 0; s < nseg; ++s) {
+    int64_t i = seg[s].x;
+    for (int64_t j = 0; j < seg[s].n; ++j, i += sw, g += ldg) {
+      __m512 gv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) gv[v] = _mm512_loadu_ps(g + 16 * v);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const __m512 u = _mm512_set1_ps(x[r][i]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(u, gv[v], acc[r][v]);
+      }
+    }
+  }
+  if (w != nullptr) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        float* o = w + r * ldw + 16 * v;
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[r][v]));
+      }
+    return;
+  }
+  __m512 sq[NV];  // NV independent chains
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) sq[v] = _mm512_mul_ps(acc[0][v], acc[0][v]);
+#pragma GCC unroll 16
+  for (int r = 1; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) sq[v] = _mm512_fmadd_ps(acc[r][v], acc[r][v], sq[v]);
+  __m512 s = _mm512_loadu_ps(sq16);
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) s = _mm512_add_ps(s, sq[v]);
+  _mm512_storeu_ps(sq16, s);
+}
 
 // GCC 12's AVX-512 headers start unmasked shuffles from _mm512_undefined_ps(), which -Wall reports as
 // "used uninitialized" once inlined here.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-// out lane i = sum of the 16 lanes of v[i]: a transpose-and-add tree, 15 shuffle/add pairs for 16
-// vectors instead of 16 separate horizontal sums.
-__attribute__((target("avx512f"))) inline __m512 reduce16(const __m512* v) {
-  __m512 s1[8], s2[4], s3[2];
+// dst[i * ldd + j] = src[j * lds + i] for i < ni <= 16, j < 16, with rows j >= nj of src read as zeros:
+// a 16 x 16 transpose in registers (the scalar loop it replaces cost half as much as the FMAs of a 3 -> 32
+// channel conv).
+__attribute__((target("avx512f"))) void transpose16(const float* src, int64_t lds, int64_t nj, int64_t ni,
+                                                     float* dst, int64_t ldd) {
+  const __mmask16 m = static_cast<__mmask16>(ni >= 16 ? 0xFFFF : (1u << ni) - 1);
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) r[j] = j < nj ? _mm512_maskz_loadu_ps(m, src + j * lds) : _mm512_setzero_ps();
 #pragma GCC unroll 8
-  for (int k = 0; k < 8; ++k)  // lanes of s1[k] per 128-bit block: (a0+a2, b0+b2, a1+a3, b1+b3)
-    s1[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  for (int k = 0; k < 8; ++k) {  // per 128-bit lane: (r0[0], r1[0], r0[1], r1[1]), (r0[2], r1[2], r0[3], r1[3])
+    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
 #pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k)  // per 128-bit block: one partial sum of each of v[4k .. 4k+3]
-    s2[k] = _mm512_add_ps(_mm512_shuffle_ps(s1[2 * k], s1[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                          _mm512_shuffle_ps(s1[2 * k], s1[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-#pragma GCC unroll 2
-  for (int k = 0; k < 2; ++k)  // fold pairs of 128-bit blocks
-    s3[k] = _mm512_add_ps(_mm512_shuffle_f32x4(s2[2 * k], s2[2 * k + 1], 0x88),
-                          _mm512_shuffle_f32x4(s2[2 * k], s2[2 * k + 1], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(s3[0], s3[1], 0x88), _mm512_shuffle_f32x4(s3[0], s3[1], 0xDD));
-}
-
-// With sq16 set, the squares of the sums are added to its 16 lanes instead of storing the sums.
-__attribute__((target("avx512f,fma"))) void dot_block_avx512(const float* a, int64_t lda, const float* b,
-                                                              int64_t ldb, int64_t n, float* sums, float* sq16) {
-  constexpr int kAcc = kDotRows * kDotCols;
-  __m512 acc[32];
-#pragma GCC unroll 32
-  for (int i = 0; i < 32; ++i) acc[i] = _mm512_setzero_ps();
-  int64_t t = 0;
-  for (; t + 16 <= n; t += 16) {
-    __m512 bv[kDotCols];
-#pragma GCC unroll 8
-    for (int c = 0; c < kDotCols; ++c) bv[c] = _mm512_loadu_ps(b + c * ldb + t);
-#pragma GCC unroll 8
-    for (int r = 0; r < kDotRows; ++r) {
-      const __m512 av = _mm512_loadu_ps(a + r * lda + t);
-#pragma GCC unroll 8
-      for (int c = 0; c < kDotCols; ++c) acc[r * kDotCols + c] = _mm512_fmadd_ps(av, bv[c], acc[r * kDotCols + c]);
-    }
+  for (int q = 0; q < 4; ++q) {  // r[4q + e], lane L: element 4L + e of rows 4q .. 4q + 3
+    const __m512d a = _mm512_castps_pd(t[4 * q]), b = _mm512_castps_pd(t[4 * q + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * q + 2]), d = _mm512_castps_pd(t[4 * q + 3]);
+    r[4 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
   }
-  if (t < n) {  // masked tail: masked-out lanes are not read
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - t)) - 1);
-    __m512 bv[kDotCols];
-#pragma GCC unroll 8
-    for (int c = 0; c < kDotCols; ++c) bv[c] = _mm512_maskz_loadu_ps(m, b + c * ldb + t);
-#pragma GCC unroll 8
-    for (int r = 0; r < kDotRows; ++r) {
-      const __m512 av = _mm512_maskz_loadu_ps(m, a + r * lda + t);
-#pragma GCC unroll 8
-      for (int c = 0; c < kDotCols; ++c) acc[r * kDotCols + c] = _mm512_fmadd_ps(av, bv[c], acc[r * kDotCols + c]);
-    }
+#pragma GCC unroll 4
+  for (int e = 0; e < 4; ++e) {
+    // Lanes (0, 2) and (1, 3) of row groups (0, 1) and (2, 3), then one lane of each group per output row.
+    const __m512 lo0 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0x88), hi0 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0xDD);
+    const __m512 lo1 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0x88);
+    const __m512 hi1 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0xDD);
+    const __m512 out[4] = {_mm512_shuffle_f32x4(lo0, lo1, 0x88), _mm512_shuffle_f32x4(hi0, hi1, 0x88),
+                           _mm512_shuffle_f32x4(lo0, lo1, 0xDD), _mm512_shuffle_f32x4(hi0, hi1, 0xDD)};
+#pragma GCC unroll 4
+    for (int l = 0; l < 4; ++l)
+      if (4 * l + e < ni) _mm512_storeu_ps(dst + (4 * l + e) * ldd, out[l]);
   }
-  const __m512 s0 = reduce16(acc), s1 = reduce16(acc + 16);  // acc[24..31] are zero
-  if (sq16 != nullptr) {
-    _mm512_storeu_ps(sq16, _mm512_fmadd_ps(s1, s1, _mm512_fmadd_ps(s0, s0, _mm512_loadu_ps(sq16))));
-  } else {
-    _mm512_storeu_ps(sums, s0);
-    _mm512_storeu_ps(sums + 16, s1);
-  }
-  static_assert(kAcc <= 32, "two reduction trees");
 }
 
 #pragma GCC diagnostic pop
+
+using OuterKernel = void (*)(const float* const*, const OuterSeg*, int64_t, int64_t, const float*, int64_t, float*,
+                             int64_t, float*);
+
+constexpr int kOuterRowsMax = *std::max_element(kOuterMaxRows, kOuterMaxRows + 4);
+
+template <int NV, int... Rm1>
+constexpr std::array<OuterKernel, kOuterRowsMax> outer_kernels(std::integer_sequence<int, Rm1...>) {
+  return {{&outer_block<Rm1 + 1, NV>...}};
+}
+
+// outer_kernel(r, nv): the block of r rows and nv vectors, r <= kOuterMaxRows[nv - 1].
+OuterKernel outer_kernel(int r, int nv) {
+  static constexpr std::array<std::array<OuterKernel, kOuterRowsMax>, 4> table = {
+      outer_kernels<1>(std::make_integer_sequence<int, kOuterMaxRows[0]>()),
+      outer_kernels<2>(std::make_integer_sequence<int, kOuterMaxRows[1]>()),
+      outer_kernels<3>(std::make_integer_sequence<int, kOuterMaxRows[2]>()),
+      outer_kernels<4>(std::make_integer_sequence<int, kOuterMaxRows[3]>())};
+  return table[nv - 1][r - 1];
+}
 
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f");
@@ -339,7 +400,7 @@ at::Tensor matrix(acc_t* data, int64_t rows, int64_t cols, int64_t row_stride, i
 template <typename scalar_t, typename acc_t>
 class Worker {
  public:
-  // threaded_gemm: items run one by one and each at::mm uses every thread (the dot blocks would not).
+  // threaded_gemm: items run one by one and each at::mm uses every thread (the outer-product blocks would not).
   Worker(const ConvGeometry& geo, ConvMethod method, bool bias, bool threaded_gemm)
       : geo_(geo),
         method_(method),
@@ -358,25 +419,16 @@ class Worker {
       chunk_ = T_;
       strip_ = std::clamp<int64_t>(std::min(kStripElements / T_, kStripRows), 1, T_);
       gram_.resize(2 * strip_ * T_);
-    } else if (use_dot_path()) {
-      dot_ = true;
-      // Chunks of at most kDotChunk positions: a block of kDotRows gathered rows then fits in L1.
-      chunk_ = std::min(T_, ceil_div(ceil_div(T_, ceil_div(T_, kDotChunk)), 16) * 16);
-      rows_pad_ = ceil_div(Kx_, kDotRows) * kDotRows;
-      cols_pad_ = ceil_div(P_, kDotCols) * kDotCols;
-      // Row stride of the gathered block: one cache line more than the chunk, so that rows of a
-      // 1024-position chunk are not exactly 4 KiB apart (the same L1 set).
-      lda_ = ceil_div(chunk_, 16) * 16 + 16;
-      u_.resize(kDotRows * lda_);
-      g_tail_.resize(kDotCols * lda_);
-      if (chunk_ < T_) w_.resize(rows_pad_ * cols_pad_);
+    } else if (use_blocks()) {
+      blocks_ = true;
+      setup_blocks();
     } else {
       // Equal chunks of at most ~kChunkElements / d positions, a multiple of 16 (64-byte rows).
       const int64_t target = std::clamp<int64_t>(kChunkElements / Kx_, std::min(kMinChunk, T_), T_);
       chunk_ = std::min(T_, ceil_div(ceil_div(T_, ceil_div(T_, target)), 16) * 16);
       w_.resize(Kx_ * P_);
     }
-    if (!dot_) {
+    if (!blocks_) {
       u_.resize(Kx_ * chunk_);
       if (Kx_ > K_) std::fill(u_.begin() + K_ * chunk_, u_.end(), acc_t(1));  // the ones row
     }
@@ -386,60 +438,123 @@ class Worker {
   acc_t run(const scalar_t* x, const scalar_t* g) {
     if (method_ == ConvMethod::kOuter) return outer(x, g);
     if (method_ == ConvMethod::kGhost) return ghost(x, g);
-#ifdef ISGD_DOT_AVX512
+#ifdef ISGD_OUTER_AVX512
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (dot_) return materialize_dot(x, g);
+      if (blocks_) return materialize_blocks(x, g);
     }
 #endif
     return materialize(x, g);
   }
 
  private:
-  bool use_dot_path() const {
-#ifdef ISGD_DOT_AVX512
-    return std::is_same_v<acc_t, float> && !direct_ && !threaded_gemm_ && T_ >= kDotMinPositions &&
+  bool use_blocks() const {
+#ifdef ISGD_OUTER_AVX512
+    return std::is_same_v<acc_t, float> && !direct_ && !threaded_gemm_ &&
            cpu_has_avx512();
 #else
     return false;
 #endif
   }
 
-#ifdef ISGD_DOT_AVX512
-  // ||G^T [U, 1]||_F^2 by dot_block_avx512: per chunk of positions, kDotRows rows of U^T at a time are
-  // gathered into an L1-sized buffer and dotted with every row of G^T. Rows past d (+1) and columns
-  // past p are zeros, which add nothing.
-  float materialize_dot(const scalar_t* x, const scalar_t* g) {
-    float sums[32], sq16[16] = {};
-    const bool chunked = chunk_ < T_;
-    if (chunked) std::fill(w_.begin(), w_.end(), 0.f);
-    const int64_t p_full = P_ - P_ % kDotCols;
-    for (int64_t t0 = 0; t0 < T_; t0 += chunk_) {
-      const int64_t n = std::min(chunk_, T_ - t0);
-      int64_t ld;
-      const float* rows = grad_rows(g, t0, n, &ld);
-      if (p_full < P_) {  // the last, partial block of G rows, padded with zero rows
-        std::fill(g_tail_.begin(), g_tail_.end(), 0.f);
-        for (int64_t j = p_full; j < P_; ++j)
-          std::copy(rows + j * ld, rows + j * ld + n, g_tail_.data() + (j - p_full) * lda_);
+#ifdef ISGD_OUTER_AVX512
+  // Padded x (extents: every position of every tap), one row pointer per row of U^T (the ones row points
+  // to a padded plane of ones), the positions' segments chunk by chunk, the packed G.
+  void setup_blocks() {
+    const ConvGeometry& geo = geo_;
+    int64_t ext[3];
+    for (int a = 0; a < 3; ++a) ext[a] = (geo.out[a] - 1) * geo.stride[a] + (geo.k[a] - 1) * geo.dil[a] + 1;
+    xp_w_ = ext[2];
+    xp_hw_ = ext[1] * ext[2];
+    xp_plane_ = ext[0] * xp_hw_;
+    xp_d_ = ext[0];
+    xp_h_ = ext[1];
+    xpad_.assign(geo.cg * xp_plane_, 0.f);  // only the interior is ever written: the border stays zero
+    if (Kx_ > K_) ones_.assign(xp_plane_, 1.f);
+    const int64_t KH = geo.k[1], KW = geo.k[2], kvol = geo.k[0] * KH * KW;
+    row_ptr_.resize(Kx_);
+    for (int64_t kk = 0; kk < K_; ++kk) {
+      const int64_t c = kk / kvol, r = kk % kvol, kd = r / (KH * KW), kh = (r / KW) % KH, kw = r % KW;
+      row_ptr_[kk] = xpad_.data() + c * xp_plane_ + kd * geo.dil[0] * xp_hw_ + kh * geo.dil[1] * xp_w_ +
+                     kw * geo.dil[2];
+    }
+    if (Kx_ > K_) row_ptr_[K_] = ones_.data();
+    nv_ = ceil_div(P_, 16);
+    ldg_ = nv_ * 16;
+    const int64_t chunks = ceil_div(T_, std::max<int64_t>(1, kOuterChunkElements / ldg_));
+    chunk_ = ceil_div(T_, chunks);
+    gp_.assign(chunk_ * ldg_, 0.f);  // columns past p stay zero
+    if (chunks > 1) w_.resize(Kx_ * ldg_);
+    chunk_seg_.push_back(0);
+    int64_t t = 0;
+    for (int64_t od = 0; od < geo.out[0]; ++od) {
+      for (int64_t oh = 0; oh < geo.out[1]; ++oh) {
+        const int64_t base = od * geo.stride[0] * xp_hw_ + oh * geo.stride[1] * xp_w_;
+        for (int64_t ow = 0; ow < geo.out[2];) {
+          const int64_t len = std::min(geo.out[2] - ow, (t / chunk_ + 1) * chunk_ - t);
+          segs_.push_back({base + ow * geo.stride[2], len});
+          t += len;
+          ow += len;
+          if (t % chunk_ == 0 || t == T_) chunk_seg_.push_back(static_cast<int64_t>(segs_.size()));
+        }
       }
-      for (int64_t i0 = 0; i0 < Kx_; i0 += kDotRows) {
-        float* a = u_.data();
-        const int64_t real_end = std::min(i0 + kDotRows, K_);
-        if (real_end > i0) gather_patches<scalar_t, float>(geo_, taps_.data(), x, t0, n, i0, real_end, a, lda_);
-        for (int64_t r = std::max(real_end, i0); r < i0 + kDotRows; ++r)  // the ones row, then zeros
-          std::fill(a + (r - i0) * lda_, a + (r - i0) * lda_ + n, r < Kx_ ? 1.f : 0.f);
-        for (int64_t j0 = 0; j0 < P_; j0 += kDotCols) {
-          const bool tail = j0 >= p_full;
-          dot_block_avx512(a, lda_, tail ? g_tail_.data() : rows + j0 * ld, tail ? lda_ : ld, n, sums,
-                           chunked ? nullptr : sq16);
-          if (chunked) {
-            for (int r = 0; r < kDotRows; ++r)
-              for (int c = 0; c < kDotCols; ++c) w_[(i0 + r) * cols_pad_ + j0 + c] += sums[r * kDotCols + c];
+    }
+  }
+
+  // The item's x into the interior of xpad_ (widened to float).
+  void pad_x(const scalar_t* x) {
+    const ConvGeometry& geo = geo_;
+    const int64_t n = std::min(geo.in[2], xp_w_ - geo.pad[2]);
+    if (n <= 0) return;
+    for (int64_t c = 0; c < geo.cg; ++c) {
+      for (int64_t id = 0; id < geo.in[0] && id + geo.pad[0] < xp_d_; ++id) {
+        for (int64_t ih = 0; ih < geo.in[1] && ih + geo.pad[1] < xp_h_; ++ih) {
+          const scalar_t* src = x + c * geo.sx[1] + id * geo.sx[2] + ih * geo.sx[3];
+          float* dst = xpad_.data() + c * xp_plane_ + (id + geo.pad[0]) * xp_hw_ + (ih + geo.pad[1]) * xp_w_ + geo.pad[2];
+          if (std::is_same_v<scalar_t, float> && geo.sx[4] == 1) {
+            std::memcpy(dst, src, n * sizeof(float));
+          } else {
+            for (int64_t iw = 0; iw < n; ++iw) dst[iw] = static_cast<float>(src[iw * geo.sx[4]]);
           }
         }
       }
     }
-    if (chunked) return dot(w_.data(), w_.data(), rows_pad_ * cols_pad_);
+  }
+
+  // G (n, p) of positions [t0, t0 + n) into gp_, p contiguous (row stride ldg_).
+  void pack_grad(const scalar_t* g, int64_t t0, int64_t n) {
+    int64_t ld;
+    const float* rows = reinterpret_cast<const float*>(grad_rows(g, t0, n, &ld));
+    for (int64_t j = 0; j < P_; j += 16)
+      for (int64_t t = 0; t < n; t += 16)
+        transpose16(rows + j * ld + t, ld, std::min<int64_t>(16, P_ - j), std::min<int64_t>(16, n - t),
+                    gp_.data() + t * ldg_ + j, ldg_);
+  }
+
+  // ||G^T [U, 1]||_F^2 by outer_block: blocks of rows of U^T x blocks of at most 4 vectors of columns of G,
+  // both split evenly (every block keeps enough independent accumulators).
+  float materialize_blocks(const scalar_t* x, const scalar_t* g) {
+    pad_x(x);
+    float sq16[16] = {};
+    const bool chunked = !w_.empty();
+    if (chunked) std::fill(w_.begin(), w_.end(), 0.f);
+    const int64_t nb = ceil_div(nv_, 4);
+    for (size_t c = 0; c + 1 < chunk_seg_.size(); ++c) {
+      const int64_t t0 = static_cast<int64_t>(c) * chunk_;
+      pack_grad(g, t0, std::min(chunk_, T_ - t0));
+      const OuterSeg* seg = segs_.data() + chunk_seg_[c];
+      const int64_t nseg = chunk_seg_[c + 1] - chunk_seg_[c];
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t v0 = b * nv_ / nb, nv = (b + 1) * nv_ / nb - v0;
+        const int64_t nrb = ceil_div(Kx_, kOuterMaxRows[nv - 1]);
+        for (int64_t rb = 0; rb < nrb; ++rb) {
+          const int64_t r0 = rb * Kx_ / nrb, nr = (rb + 1) * Kx_ / nrb - r0;
+          outer_kernel(static_cast<int>(nr), static_cast<int>(nv))(
+              row_ptr_.data() + r0, seg, nseg, geo_.stride[2], gp_.data() + 16 * v0, ldg_,
+              chunked ? w_.data() + r0 * ldg_ + 16 * v0 : nullptr, ldg_, sq16);
+        }
+      }
+    }
+    if (chunked) return dot(w_.data(), w_.data(), Kx_ * ldg_);
     float sq = 0;
     for (float v : sq16) sq += v;
     return sq;
@@ -525,9 +640,15 @@ class Worker {
   const bool threaded_gemm_;
   const int64_t T_, K_, Kx_, P_;  // Kx_: rows of U^T, K_ plus the ones row with a bias
   const std::vector<Tap> taps_;
-  bool g_view_ = false, direct_ = false, dot_ = false;
-  int64_t chunk_ = 1, strip_ = 1, rows_pad_ = 0, cols_pad_ = 0, lda_ = 0;
-  std::vector<acc_t> u_, g_, w_, gram_, g_tail_;
+  bool g_view_ = false, direct_ = false, blocks_ = false;
+  int64_t chunk_ = 1, strip_ = 1;
+  std::vector<acc_t> u_, g_, w_, gram_;
+  // Outer-product blocks: padded x and its extents, row pointers, segments, packed G.
+  int64_t xp_w_ = 0, xp_hw_ = 0, xp_plane_ = 0, xp_d_ = 0, xp_h_ = 0, nv_ = 0, ldg_ = 0;
+  std::vector<float> xpad_, ones_, gp_;
+  std::vector<const float*> row_ptr_;
+  std::vector<OuterSeg> segs_;
+  std::vector<int64_t> chunk_seg_;  // segs_ of chunk c: [chunk_seg_[c], chunk_seg_[c + 1])
 };
 
 at::Tensor conv_grad_sq_norms_cpu(const at::Tensor& x, const at::Tensor& grad_out, at::IntArrayRef kernel_size,
