@@ -54,11 +54,39 @@ def report(rows: list[dict], device) -> Path:
     """Writes benchmarks/results/<device>/trainer.{csv,json,md}; returns the folder."""
     for r in rows:
         r["run"] = ("uniform SGD (master alone)" if r["mode"] == "usgd"
-                    else "ISSGD, inline scoring" if r["workers"] == 0 else f"ISSGD, {r['workers']} scoring workers")
+                    else "ISSGD, inline scoring" if r["workers"] == 0
+                    else f"ISSGD, {r['workers']} scoring worker{'s' if r['workers'] > 1 else ''}")
     columns = ["run", "steps_per_second", "ratio_to_master_alone", "scoring_examples_per_second",
                "scoring_examples_per_worker_second", "sync_ms_per_refresh", "staleness_mean"]
     notes = [("Same job one after the other in one process: digits MLP 64-256x2-10, batch 128, K = 32, "
               "1 master thread, 1 thread per (niced) scoring worker, no diagnostics."),
              "Target: master steps/s with W scoring workers >= 0.90 x the master alone."]
-    return write_results(rows, "trainer", torch.device(device), columns=columns,
-                         title="Trainer: master throughput with scoring workers", notes=notes)
+    out = write_results(rows, "trainer", torch.device(device), columns=columns,
+                        title="Trainer: master throughput with scoring workers", notes=notes)
+    _plot(rows, out / "trainer.png", torch.device(device))
+    return out
+
+
+def _plot(rows: list[dict], path: Path, device: torch.device) -> None:
+    """Master steps/s per run as a fraction of the master alone, with the 0.90 target line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    names = [r["run"] for r in rows]
+    ratios = [r["ratio_to_master_alone"] for r in rows]
+    colors = ["tab:gray" if r["mode"] == "usgd" else "tab:blue" for r in rows]
+    bars = ax.barh(names[::-1], ratios[::-1], color=colors[::-1])
+    for bar, r in zip(bars, rows[::-1]):
+        ax.text(bar.get_width() + 0.01, bar.get_y() + bar.get_height() / 2,
+                f"{r['ratio_to_master_alone']:.2f}  ({r['steps_per_second']:.0f} steps/s)", va="center", fontsize=8)
+    ax.axvline(0.9, color="tab:red", ls="--", lw=1, label="target 0.90")
+    ax.set_xlim(0, 1.3)
+    ax.set_xlabel("master steps/s / master alone")
+    ax.set_title(f"ISSGD master throughput with scoring workers — {device.type.upper()}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
