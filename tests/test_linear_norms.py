@@ -206,3 +206,43 @@ def test_missing_extension_is_reported_not_fatal(monkeypatch):
     assert_close_rel(isgd_kernels.linear_grad_sq_norms(x, g), reference_sq_norms(x, g), RTOL[torch.float32])
     with pytest.raises(RuntimeError, match=r"failed to load \(no _C\).*pip install --no-build-isolation"):
         isgd_kernels.linear_grad_sq_norms(x, g, backend="cpu")
+
+
+# The CPU materialize kernel's AVX-512 outer-product path (fp32/fp16/bf16, B >= threads): G read in place
+# (fp32, p a multiple of 16) or copied with rows zero-padded (other p, fp16/bf16; g with strided features
+# runs the bmm fallback), column
+# blocks of 1-4 vectors of 16, d not a multiple of a row block, T = 2, 3, and T long enough that positions
+# run in chunks with W in memory (T > 1024 at 64 columns, > 4096 at 16). Elsewhere the same shapes run the
+# bmm fallback, so the test holds on any CPU.
+OUTER_SHAPES = [(4, 2, 5, 16), (3, 3, 13, 17), (4, 7, 29, 64), (2, 5, 37, 80), (3, 9, 7, 200),
+                (5, 40, 100, 256), (2, 1100, 19, 64), (2, 4200, 3, 16), (1, 6, 10, 32)]
+
+
+@pytest.mark.skipif(_extension._C is None, reason="compiled extension not built")
+@pytest.mark.parametrize("B,T,d,p", OUTER_SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_materialize_blocks(B, T, d, p, bias):
+    x, g = rand(B, T, d), rand(B, T, p)
+    got = torch.ops.isgd_kernels._linear_sq_norms_materialize(x, g, bias)
+    assert got.dtype == torch.float32
+    assert_close_rel(got, reference_sq_norms(x, g, bias), RTOL[torch.float32], f"B{B} T{T} d{d} p{p}")
+
+
+@pytest.mark.skipif(_extension._C is None, reason="compiled extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("p", [32, 21])
+def test_cpu_materialize_blocks_layouts(dtype, p):
+    base_x = rand(5, 2 * 11, 3 * 23, dtype=dtype)
+    base_g = rand(5, 11, p + 16, dtype=dtype)
+    layouts = {
+        "contiguous": (rand(5, 11, 23, dtype=dtype), rand(5, 11, p, dtype=dtype)),
+        "strided x, g rows wider than p": (base_x[:, ::2, ::3], base_g[:, :, :p]),
+        "x (T, d) transposed, g strided": (base_x[:, :11, :23].transpose(1, 2).contiguous().transpose(1, 2),
+                                           base_g.transpose(1, 2).contiguous().transpose(1, 2)[:, :, 3:p + 3]),
+        "batch not outermost": (rand(11, 5, 23, dtype=dtype).transpose(0, 1), rand(11, 5, p, dtype=dtype).transpose(0, 1)),
+    }
+    for name, (x, g) in layouts.items():
+        for bias in (True, False):
+            got = torch.ops.isgd_kernels._linear_sq_norms_materialize(x, g, bias)
+            assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            assert_close_rel(got, reference_sq_norms(x, g, bias), RTOL[dtype], f"{dtype} p{p} {name} bias={bias}")

@@ -36,11 +36,8 @@
 #include <utility>
 #include <vector>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 #include "../conv_norms.h"
+#include "outer_avx512.h"
 
 namespace isgd_kernels {
 namespace {
@@ -80,77 +77,20 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   return s;
 }
 
-// Positions t, t + 1, ... t + n - 1 of one output row: offsets x, x + stride_w, ... in the padded x.
-struct OuterSeg {
-  int64_t x, n;
-};
+using outer::OuterSeg;
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define ISGD_OUTER_AVX512 1
-// W^T (d, p) = U^T G as a sum of outer products, vectors along output channels: a block of R rows of U^T
-// and NV * 16 columns of G keeps R x NV zmm accumulators over all positions of a chunk; per position
-// NV loads of the packed G row, R broadcasts of U^T[r, t] and R * NV FMAs. The block's sums are squared
-// into 16 lanes (or added to W in memory when the positions come in several chunks): no horizontal
-// reduction per block, so short problems run as fast as long ones (the dot blocks along positions that
-// this replaced spent as much on reductions as on FMAs at T = 64, and lost to at::mm below that; now
-// T = 4, 16: 2.8-3.9 / 1.3-1.7 ms with at::mm -> 0.48 / 0.40-0.45 ms, 128 / 64 channels, B = 64).
-// U^T[r, t] is read straight from a zero-padded copy of the item's x (no im2col): row r = (c, kd, kh, kw)
-// is a pointer into it, position t = (od, oh, ow) an offset shared by every row, so the positions of one
-// output row form a segment of offsets x, x + sw, x + 2 sw, ...
-// Compiled for AVX-512 whatever the build flags; called only where the CPU has it, else at::mm runs.
-// Most rows per block for NV = 1 .. 4 vectors of G: 24 accumulators at most, 32 zmm registers.
-constexpr int kOuterMaxRows[4] = {12, 14, 8, 6};
+#ifdef ISGD_OUTER_AVX512
+using outer::kOuterMaxRows;
+using outer::outer_kernel;
+using outer::cpu_has_avx512;
+// materialize blocks (outer_avx512.h): U^T[r, t] is read straight from a zero-padded copy of the item's x
+// (no im2col): row r = (c, kd, kh, kw) is a pointer into it, position t = (od, oh, ow) an offset shared by
+// every row, so the positions of one output row form a segment of offsets x, x + sw, x + 2 sw, ...
+// Short problems run as fast as long ones (the dot blocks along positions that this replaced lost to
+// at::mm below T = 64; now T = 4, 16: 2.8-3.9 / 1.3-1.7 ms with at::mm -> 0.48 / 0.40-0.45 ms, 128 / 64
+// channels, B = 64).
 // Positions per chunk: packed G rows of chunk * NV * 16 floats stay in L2 (2^16 floats, 256 KiB).
 constexpr int64_t kOuterChunkElements = int64_t(1) << 16;
-
-template <int R, int NV>
-__attribute__((target("avx512f,fma"))) void outer_block(const float* const* rows, const OuterSeg* seg,
-                                                         int64_t nseg, int64_t sw, const float* g, int64_t ldg,
-                                                         float* w, int64_t ldw, float* sq16) {
-  __m512 acc[R][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  const float* x[R];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) x[r] = rows[r];
-  for (int64_t s = 0; s < nseg; ++s) {
-    int64_t i = seg[s].x;
-    for (int64_t j = 0; j < seg[s].n; ++j, i += sw, g += ldg) {
-      __m512 gv[NV];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) gv[v] = _mm512_loadu_ps(g + 16 * v);
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        const __m512 u = _mm512_set1_ps(x[r][i]);
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(u, gv[v], acc[r][v]);
-      }
-    }
-  }
-  if (w != nullptr) {
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) {
-        float* o = w + r * ldw + 16 * v;
-        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[r][v]));
-      }
-    return;
-  }
-  __m512 sq[NV];  // NV independent chains
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) sq[v] = _mm512_mul_ps(acc[0][v], acc[0][v]);
-#pragma GCC unroll 16
-  for (int r = 1; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) sq[v] = _mm512_fmadd_ps(acc[r][v], acc[r][v], sq[v]);
-  __m512 s = _mm512_loadu_ps(sq16);
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) s = _mm512_add_ps(s, sq[v]);
-  _mm512_storeu_ps(sq16, s);
-}
 
 // GCC 12's AVX-512 headers start unmasked shuffles from _mm512_undefined_ps(), which -Wall reports as
 // "used uninitialized" once inlined here.
@@ -197,30 +137,6 @@ __attribute__((target("avx512f"))) void transpose16(const float* src, int64_t ld
 
 #pragma GCC diagnostic pop
 
-using OuterKernel = void (*)(const float* const*, const OuterSeg*, int64_t, int64_t, const float*, int64_t, float*,
-                             int64_t, float*);
-
-constexpr int kOuterRowsMax = *std::max_element(kOuterMaxRows, kOuterMaxRows + 4);
-
-template <int NV, int... Rm1>
-constexpr std::array<OuterKernel, kOuterRowsMax> outer_kernels(std::integer_sequence<int, Rm1...>) {
-  return {{&outer_block<Rm1 + 1, NV>...}};
-}
-
-// outer_kernel(r, nv): the block of r rows and nv vectors, r <= kOuterMaxRows[nv - 1].
-OuterKernel outer_kernel(int r, int nv) {
-  static constexpr std::array<std::array<OuterKernel, kOuterRowsMax>, 4> table = {
-      outer_kernels<1>(std::make_integer_sequence<int, kOuterMaxRows[0]>()),
-      outer_kernels<2>(std::make_integer_sequence<int, kOuterMaxRows[1]>()),
-      outer_kernels<3>(std::make_integer_sequence<int, kOuterMaxRows[2]>()),
-      outer_kernels<4>(std::make_integer_sequence<int, kOuterMaxRows[3]>())};
-  return table[nv - 1][r - 1];
-}
-
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
 #endif
 
 // Patch element k = (c, kd, kh, kw) of the (C_in/groups, *k) weight layout: where it sits relative to
