@@ -2,12 +2,15 @@
 
 Runs the same ISSGD job (digits MLP 64-256x2-10 by default, batch 128, K = 32, no diagnostics)
 with W = 0 (inline scoring), 1 and 2 spawned scoring workers, next to uniform SGD (the master
-alone: no scoring at all), all with the same number of master threads, one after the other in
-this process. Reports master steps/s, the ratio to the master alone (target >= 0.90), the
+alone: no scoring at all), all with the same number of master threads. The four runs are repeated
+in rounds, one after the other in this process; each run's ratio to the master alone is taken
+within its round and the median over rounds is reported, so that a drift of the machine's speed
+between runs does not enter the ratios. Reports master steps/s, that ratio (target >= 0.90), the
 scoring throughput and the staleness of the weights.
 """
 from __future__ import annotations
 
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -24,17 +27,19 @@ def run(device="cpu", quick: bool = False, dataset: str = "digits", model: str =
 
     device = str(device)
 
-    steps = 1500 if quick else 4000
-    rows = []
+    steps, rounds = (1500, 2) if quick else (2000, 3)
+    runs = []  # one row per (round, job)
     with tempfile.TemporaryDirectory() as tmp:
         base = TrainConfig(dataset=dataset, model=model, steps=steps, diag_every=0, progress=False, device=device,
                            master_threads=1, out=tmp)
-        jobs = [("usgd", 0)] + [("issgd", w) for w in WORKERS]
-        for mode, workers in tqdm(jobs, desc="trainer", leave=False):
-            cfg = TrainConfig(**{**base.__dict__, "mode": mode, "workers": workers, "out": f"{tmp}/{mode}{workers}"})
+        jobs = [(r, mode, w) for r in range(rounds) for mode, w in [("usgd", 0)] + [("issgd", w) for w in WORKERS]]
+        for rnd, mode, workers in tqdm(jobs, desc="trainer", leave=False):
+            cfg = TrainConfig(**{**base.__dict__, "mode": mode, "workers": workers,
+                                 "out": f"{tmp}/{rnd}{mode}{workers}"})
             trainer = Trainer(cfg)
             s = trainer.run()
-            rows.append({"mode": mode, "workers": workers, "steps": s["steps"], "master_threads": cfg.master_threads,
+            runs.append({"round": rnd, "mode": mode, "workers": workers, "steps": s["steps"],
+                         "master_threads": cfg.master_threads,
                          "worker_threads": cfg.worker_threads if workers else None,
                          "steps_per_second": s["steps_per_second"],
                          "scored_examples": s.get("scored_examples"),
@@ -44,9 +49,20 @@ def run(device="cpu", quick: bool = False, dataset: str = "digits", model: str =
                                                  if s.get("sync_seconds") is not None else None),
                          "staleness_mean": trainer.board.staleness(trainer.step)["staleness_mean"]
                          if mode == "issgd" else None})
-    alone = rows[0]["steps_per_second"]
-    for r in rows:
+    for r in runs:
+        alone = next(a["steps_per_second"] for a in runs if a["round"] == r["round"] and a["mode"] == "usgd")
         r["ratio_to_master_alone"] = r["steps_per_second"] / alone
+    rows = []  # per job: the median over rounds of every measured quantity
+    for mode, workers in [("usgd", 0)] + [("issgd", w) for w in WORKERS]:
+        mine = [r for r in runs if r["mode"] == mode and r["workers"] == workers]
+        row = {k: v for k, v in mine[0].items() if k != "round"}
+        for k, v in row.items():
+            if isinstance(v, float):
+                row[k] = statistics.median(r[k] for r in mine)
+        row["rounds"] = len(mine)
+        row["ratio_min"] = min(r["ratio_to_master_alone"] for r in mine)
+        row["ratio_max"] = max(r["ratio_to_master_alone"] for r in mine)
+        rows.append(row)
     return rows
 
 
@@ -56,10 +72,12 @@ def report(rows: list[dict], device) -> Path:
         r["run"] = ("uniform SGD (master alone)" if r["mode"] == "usgd"
                     else "ISSGD, inline scoring" if r["workers"] == 0
                     else f"ISSGD, {r['workers']} scoring worker{'s' if r['workers'] > 1 else ''}")
-    columns = ["run", "steps_per_second", "ratio_to_master_alone", "scoring_examples_per_second",
-               "scoring_examples_per_worker_second", "sync_ms_per_refresh", "staleness_mean"]
+    columns = ["run", "steps_per_second", "ratio_to_master_alone", "ratio_min", "ratio_max",
+               "scoring_examples_per_second", "scoring_examples_per_worker_second", "sync_ms_per_refresh", "staleness_mean"]
     notes = [("Same job one after the other in one process: digits MLP 64-256x2-10, batch 128, K = 32, "
               "1 master thread, 1 thread per (niced) scoring worker, no diagnostics."),
+             (f"{rows[0]['rounds']} rounds of the four runs; ratio_to_master_alone is the median over rounds of "
+              "the ratio within a round (ratio_min / ratio_max: its range), the other columns are medians."),
              "Target: master steps/s with W scoring workers >= 0.90 x the master alone."]
     out = write_results(rows, "trainer", torch.device(device), columns=columns,
                         title="Trainer: master throughput with scoring workers", notes=notes)
