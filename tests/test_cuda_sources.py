@@ -12,8 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CU_FILES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
-# Headers the .cu files include (the launcher declarations): they must stay torch-free too.
-CUDA_HEADERS = sorted((ROOT / "csrc" / "cuda").glob("*.h"))
+# Headers the .cu files include (launcher declarations, shared device helpers): torch-free too.
+CUDA_HEADERS = sorted((ROOT / "csrc" / "cuda").glob("*.h")) + sorted((ROOT / "csrc" / "cuda").glob("*.cuh"))
 NVCC = shutil.which("nvcc") or next((str(p) for p in (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin"
                                                       / "nvcc",) if p.exists()), None)
 

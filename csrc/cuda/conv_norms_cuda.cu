@@ -21,9 +21,7 @@
 // Accumulation in float (double for double inputs); FMA on CUDA cores, no tensor cores.
 #include "conv_norms_cuda.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "common.cuh"
 
 #include <algorithm>
 #include <cstdint>
@@ -32,45 +30,8 @@ namespace isgd_kernels {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;              // 16 x 16 thread grid
 constexpr int kStep = 16;                  // positions (materialize) or k / p values (ghost) per stage
-constexpr int64_t kMaxGridX = 2147483647;  // gridDim.x limit; larger problems launch in pieces
-constexpr unsigned kFullMask = 0xffffffffu;
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-template <typename Acc>
-__device__ __forceinline__ Acc warp_sum(Acc v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
-
-// Sum over the block, valid in thread 0. Every thread must call it.
-template <typename Acc>
-__device__ __forceinline__ Acc block_sum(Acc v) {
-  __shared__ Acc part[kThreads / 32];
-  v = warp_sum(v);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (lane == 0) part[warp] = v;
-  __syncthreads();
-  if (warp == 0) v = warp_sum(lane < kThreads / 32 ? part[lane] : Acc(0));
-  return v;
-}
+static_assert(kThreads == kStep * kStep, "the tiles map kThreads onto a 16 x 16 thread grid");
 
 // Output position t -> window corner in x (low padding subtracted) and the offset of t in grad_out.
 struct Position {

@@ -19,9 +19,7 @@
 // Accumulation in float (double for double inputs).
 #include "linear_norms_cuda.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "common.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -32,31 +30,12 @@ namespace isgd_kernels {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;                 // every kernel here uses 256-thread blocks
-constexpr int64_t kMaxGridX = 2147483647;     // gridDim.x limit; larger problems launch in pieces
-constexpr unsigned kFullMask = 0xffffffffu;
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // std::min/max are host-only for nvcc without --expt-relaxed-constexpr.
 __host__ __device__ constexpr int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ constexpr int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 // ---------------------------------------------------------------------------------------------------
 // Element conversion and 16-byte vector helpers.
-
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
 
 // Low / high 16-bit halves of a 32-bit word, widened to float (exact for both formats).
 __device__ __forceinline__ float half_lo(unsigned w) { return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu))); }
@@ -114,14 +93,7 @@ struct Vec16<__nv_bfloat16> {
 };
 
 // ---------------------------------------------------------------------------------------------------
-// Reductions. All threads of the block (or warp) must call them: no early returns before.
-
-template <typename Acc>
-__device__ __forceinline__ Acc warp_sum(Acc v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
+// Reductions (warp_sum, block_sum: common.cuh). All threads of the block must call them.
 
 // Sums (a, b) over the block; the result is valid in thread 0.
 template <typename Acc>
@@ -141,17 +113,6 @@ __device__ __forceinline__ void block_sum2(Acc& a, Acc& b) {
     a = warp_sum(a);
     b = warp_sum(b);
   }
-}
-
-template <typename Acc>
-__device__ __forceinline__ Acc block_sum(Acc v) {
-  __shared__ Acc part[kThreads / 32];
-  v = warp_sum(v);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (lane == 0) part[warp] = v;
-  __syncthreads();
-  if (warp == 0) v = warp_sum(lane < kThreads / 32 ? part[lane] : Acc(0));
-  return v;
 }
 
 // ---------------------------------------------------------------------------------------------------
