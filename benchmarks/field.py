@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from benchmarks.harness import measure_side_by_side, peak_extra_memory_mb, write_results
+from benchmarks.harness import figure, grouped_bars, measure_side_by_side, peak_extra_memory_mb, write_results
 from benchmarks.providers import XENT, Provider, Unsupported, providers
 from benchmarks.workloads import Workload, field_workloads
 from isgd_kernels.reference import per_example_grad_norms_loop
@@ -195,36 +195,26 @@ def _summary(rows: list[dict]) -> list[str]:
 
 
 def _plot(rows: list[dict], path, device: torch.device) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = list(dict.fromkeys((r["workload"], r["batch"]) for r in rows))
     provs = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != STEP]
     by_key = {(r["workload"], r["batch"], r["provider"]): r for r in rows}
+    cells = {prov: [by_key.get((*grp, prov)) for grp in groups] for prov in provs}
     ok = [r["ratio_to_step"] for r in rows if r["status"] == "ok"]
     floor = 10 ** math.floor(math.log10(min(ok))) if ok else 0.1
-    fig, ax = plt.subplots(figsize=(max(10, 1.7 * len(groups)), 6.5))
-    width = 0.8 / len(provs)
-    for i, prov in enumerate(provs):
-        xs = [j + i * width for j in range(len(groups))]
-        cells = [by_key.get((*grp, prov)) for grp in groups]
-        ax.bar(xs, [c["ratio_to_step"] if c and c["status"] == "ok" else float("nan") for c in cells], width,
-               label=prov, color=f"C{i}")
-        for xpos, c in zip(xs, cells):  # why a bar is missing
-            if c and c["status"] != "ok":
-                ax.text(xpos, floor * 1.1, {"wrong": "wrong", "unsupported": "n/a"}.get(c["status"], "skip"),
-                        rotation=90, ha="center", va="bottom", fontsize=7, color=f"C{i}")
-    ax.axhline(1.0, color="k", lw=0.8, label="training step = 1")
-    ax.set_yscale("log")
-    ax.set_ylim(bottom=floor)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))],
-                  [f"{textwrap.fill(w, 16, break_long_words=False)}\nB={b}" for w, b in groups], fontsize=8)
-    ax.set_ylabel("time / training step (log)")
-    ax.set_title(f"Per-example gradient norms vs a training step, {device.type.upper()} "
-                 "(no bar: n/a = unsupported, wrong = fails the float64 check)")
-    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.16))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(max(10, 1.7 * len(groups)), 6.5)) as (fig, ax):
+        positions = grouped_bars(
+            ax, [f"{textwrap.fill(w, 16, break_long_words=False)}\nB={b}" for w, b in groups],
+            {prov: [c["ratio_to_step"] if c and c["status"] == "ok" else float("nan") for c in cells[prov]]
+             for prov in provs}, fontsize=8)
+        for i, prov in enumerate(provs):  # why a bar is missing
+            for xpos, c in zip(positions[prov], cells[prov]):
+                if c and c["status"] != "ok":
+                    ax.text(xpos, floor * 1.1, {"wrong": "wrong", "unsupported": "n/a"}.get(c["status"], "skip"),
+                            rotation=90, ha="center", va="bottom", fontsize=7, color=f"C{i}")
+        ax.axhline(1.0, color="k", lw=0.8, label="training step = 1")
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=floor)
+        ax.set_ylabel("time / training step (log)")
+        ax.set_title(f"Per-example gradient norms vs a training step, {device.type.upper()} "
+                     "(no bar: n/a = unsupported, wrong = fails the float64 check)")
+        ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.16))

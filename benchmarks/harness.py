@@ -1,4 +1,4 @@
-"""Shared benchmark harness: timing, environment stamp and result writers.
+"""Shared benchmark harness: timing, environment stamp, result writers and charts.
 
 Times are medians over repeats (p20/p80 alongside). On CUDA, `triton.testing.do_bench` times with
 CUDA events; on CPU, `time.perf_counter` after warm-up. Ratios are always measured side by side in
@@ -6,6 +6,7 @@ one process, never against numbers from another run.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -165,3 +166,33 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
     return str(v)
+
+
+# ------------------------------------------------------------------------------------ charts
+@contextlib.contextmanager
+def figure(path: Path, *, figsize: tuple[float, float], ncols: int = 1, dpi: int = 120):
+    """A headless matplotlib figure, (fig, ax) or (fig, axes) with ncols > 1, saved to `path` and
+    closed on exit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, ncols, figsize=figsize)
+    try:
+        yield fig, ax
+        fig.tight_layout()
+        fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)
+
+
+def grouped_bars(ax, tick_labels: list[str], series: dict[str, list[float]], *, fontsize=None) -> dict[str, list]:
+    """One bar per (group, series), series side by side within a group; returns each series' x positions."""
+    width = 0.8 / len(series)
+    positions = {}
+    for i, (label, values) in enumerate(series.items()):
+        positions[label] = [j + i * width for j in range(len(tick_labels))]
+        ax.bar(positions[label], values, width, label=label, color=f"C{i}")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tick_labels))], tick_labels, fontsize=fontsize)
+    return positions

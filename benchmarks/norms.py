@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 
 import isgd_kernels
-from benchmarks.harness import measure, measure_side_by_side, peak_extra_memory_mb, synchronize, write_results
+from benchmarks.harness import (
+    figure,
+    grouped_bars,
+    measure,
+    measure_side_by_side,
+    peak_extra_memory_mb,
+    synchronize,
+    write_results,
+)
 from benchmarks.providers import XENT, timed_backends
 from benchmarks.workloads import TokenMLP, paper_mlp
 from isgd_kernels.reference import per_example_grad_norms_loop, per_example_grad_norms_vmap
@@ -303,71 +311,43 @@ def report_conv(rows, device):
 
 
 def _plot_scorer(rows, path, device):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = sorted({(r["workload"], r["batch"]) for r in rows}, key=lambda k: (k[0], -k[1]))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    width = 0.8 / len(providers)
-    for i, prov in enumerate(providers):
-        vals = [next((r["ratio_to_step"] for r in rows if (r["workload"], r["batch"]) == grp
-                      and r["provider"] == prov), float("nan")) for grp in groups]
-        ax.bar([j + i * width for j in range(len(groups))], vals, width, label=prov)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_yscale("log")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"{w}\nB={b}" for w, b in groups])
-    ax.set_ylabel("time / training step (log)")
-    ax.set_title(f"Per-example gradient norms vs a training step — {device.type.upper()}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(10, 4.5)) as (fig, ax):
+        grouped_bars(ax, [f"{w}\nB={b}" for w, b in groups],
+                     {prov: [next((r["ratio_to_step"] for r in rows if (r["workload"], r["batch"]) == grp
+                                   and r["provider"] == prov), float("nan")) for grp in groups]
+                      for prov in providers})
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_ylabel("time / training step (log)")
+        ax.set_title(f"Per-example gradient norms vs a training step — {device.type.upper()}")
+        ax.legend(fontsize=8)
 
 
 def _plot_linear(rows, path, device):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in sorted({(r["backend"], r["method"] if r["T"] > 1 else "ghost") for r in rows}):
-        pts = sorted((r["T"], r["median_ms"] / r["B"] * 1e3) for r in rows
-                     if r["backend"] == key[0] and (r["method"] == key[1] or r["T"] == 1))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} / {key[1]}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("T (sequence positions)")
-    ax.set_ylabel("µs per example")
-    ax.set_title(f"linear_grad_sq_norms, d_in = d_out = {rows[0]['d_in']} — {device.type.upper()}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(7, 4.5)) as (fig, ax):
+        for key in sorted({(r["backend"], r["method"] if r["T"] > 1 else "ghost") for r in rows}):
+            pts = sorted((r["T"], r["median_ms"] / r["B"] * 1e3) for r in rows
+                         if r["backend"] == key[0] and (r["method"] == key[1] or r["T"] == 1))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} / {key[1]}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("T (sequence positions)")
+        ax.set_ylabel("µs per example")
+        ax.set_title(f"linear_grad_sq_norms, d_in = d_out = {rows[0]['d_in']} — {device.type.upper()}")
+        ax.legend(fontsize=8)
 
 
 def _plot_conv(rows, path, device):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     convs = list(dict.fromkeys(r["conv"] for r in rows))
     backends = list(dict.fromkeys(r["backend"] for r in rows if r["median_ms"] is not None))
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.8 / len(backends)
-    for i, backend in enumerate(backends):
-        vals = [next((r["ratio_to_dW"] for r in rows if r["conv"] == c and r["backend"] == backend
-                      and r["ratio_to_dW"] is not None), float("nan")) for c in convs]
-        ax.bar([j + i * width for j in range(len(convs))], vals, width, label=backend)
-    ax.set_yscale("log")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(convs))], convs, fontsize=8)
-    ax.set_ylabel("time / batch dW (log)")
-    ax.set_title(f"conv_grad_sq_norms per backend vs the batch weight gradient, {device.type.upper()}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(9, 4.5)) as (fig, ax):
+        grouped_bars(ax, convs,
+                     {backend: [next((r["ratio_to_dW"] for r in rows if r["conv"] == c and r["backend"] == backend
+                                      and r["ratio_to_dW"] is not None), float("nan")) for c in convs]
+                      for backend in backends}, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("time / batch dW (log)")
+        ax.set_title(f"conv_grad_sq_norms per backend vs the batch weight gradient, {device.type.upper()}")
+        ax.legend(fontsize=8)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.harness import device_slug, environment, measure, synchronize, write_results  # noqa: E402
+from benchmarks.harness import device_slug, environment, figure, measure, synchronize, write_results  # noqa: E402
 from isgd_kernels.sampler import AliasTable  # noqa: E402
 from torch.utils.data import WeightedRandomSampler  # noqa: E402
 
@@ -175,28 +175,21 @@ def _targets(rows: list[dict], device: torch.device) -> list[str]:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, key, label in zip(axes, ["draw128_us", "draw1e6_ms", "issgd_step_us"],
-                              ["draw 128 indices (us)", "draw 1e6 indices (ms)",
-                               f"ISSGD: sampler cost per step (us)\nrefresh every {REFRESH_EVERY}, batch {BATCH}"]):
-        for m in METHODS:
-            pts = sorted((r["N"], r[key]) for r in rows if r["method"] == m and r[key] is not None)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("N (categories)")
-        ax.set_title(label, fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with figure(path, figsize=(15, 4.2), ncols=3, dpi=110) as (fig, axes):
+        for ax, key, label in zip(axes, ["draw128_us", "draw1e6_ms", "issgd_step_us"],
+                                  ["draw 128 indices (us)", "draw 1e6 indices (ms)",
+                                   f"ISSGD: sampler cost per step (us)\nrefresh every {REFRESH_EVERY}, batch {BATCH}"]):
+            for m in METHODS:
+                pts = sorted((r["N"], r[key]) for r in rows if r["method"] == m and r[key] is not None)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("N (categories)")
+            ax.set_title(label, fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(title, fontsize=9)
 
 
 def main(argv=None) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks.harness import write_results
+from benchmarks.harness import figure, write_results
 
 WORKERS = (0, 1, 2)
 
@@ -87,24 +87,17 @@ def report(rows: list[dict], device) -> Path:
 
 def _plot(rows: list[dict], path: Path, device: torch.device) -> None:
     """Master steps/s per run as a fraction of the master alone, with the 0.90 target line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.8))
     names = [r["run"] for r in rows]
     ratios = [r["ratio_to_master_alone"] for r in rows]
     colors = ["tab:gray" if r["mode"] == "usgd" else "tab:blue" for r in rows]
-    bars = ax.barh(names[::-1], ratios[::-1], color=colors[::-1])
-    for bar, r in zip(bars, rows[::-1]):
-        ax.text(bar.get_width() + 0.01, bar.get_y() + bar.get_height() / 2,
-                f"{r['ratio_to_master_alone']:.2f}  ({r['steps_per_second']:.0f} steps/s)", va="center", fontsize=8)
-    ax.axvline(0.9, color="tab:red", ls="--", lw=1, label="target 0.90")
-    ax.set_xlim(0, 1.3)
-    ax.set_xlabel("master steps/s / master alone")
-    ax.set_title(f"ISSGD master throughput with scoring workers — {device.type.upper()}")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(7, 3.8)) as (fig, ax):
+        bars = ax.barh(names[::-1], ratios[::-1], color=colors[::-1])
+        for bar, r in zip(bars, rows[::-1]):
+            ax.text(bar.get_width() + 0.01, bar.get_y() + bar.get_height() / 2,
+                    f"{r['ratio_to_master_alone']:.2f}  ({r['steps_per_second']:.0f} steps/s)", va="center",
+                    fontsize=8)
+        ax.axvline(0.9, color="tab:red", ls="--", lw=1, label="target 0.90")
+        ax.set_xlim(0, 1.3)
+        ax.set_xlabel("master steps/s / master alone")
+        ax.set_title(f"ISSGD master throughput with scoring workers — {device.type.upper()}")
+        ax.legend(loc="lower right", fontsize=8)
