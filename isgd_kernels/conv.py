@@ -321,8 +321,7 @@ def conv_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> tor
                          f"needs the batched {n + 2}-D form (B, C, ...); an unbatched input has no batch dim")
     with_bias = module.bias is not None and cap.trainable.get("bias", False)
     if not cap.trainable.get("weight", False):
-        acc = torch.float64 if grad_output.dtype == torch.float64 else torch.float32
-        return grad_output.to(acc).flatten(2).sum(2).square().sum(1)
+        return grad_output.to(accumulation_dtype(grad_output.dtype)).flatten(2).sum(2).square().sum(1)
     padding = module.padding
     if module.padding_mode != "zeros":
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)

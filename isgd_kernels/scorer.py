@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from isgd_kernels.ops import linear_grad_sq_norms_impl, linear_op_args
+from isgd_kernels.reference import accumulation_dtype
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -50,9 +51,7 @@ def _linear_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> 
     if cap.trainable.get("weight", False):
         return linear_grad_sq_norms_impl(*linear_op_args(x, grad_output, backend), with_bias, backend, "auto")
     # Only the bias is trainable: ||sum_t delta_t||^2.
-    g = grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1]).to(torch.float32
-                                                                               if grad_output.dtype != torch.float64
-                                                                               else torch.float64)
+    g = grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1]).to(accumulation_dtype(grad_output.dtype))
     return g.sum(1).square().sum(-1)
 
 
@@ -187,8 +186,7 @@ class GradNormScorer:
                     self._check_all_called(captures)
                     if captures and losses.requires_grad:
                         torch.autograd.grad(losses.sum(), anchor, allow_unused=True)
-                acc = torch.float64 if losses.dtype == torch.float64 else torch.float32
-                sq = total.value(batch, args[0].device, acc)
+                sq = total.value(batch, args[0].device, accumulation_dtype(losses.dtype))
             finally:
                 for h in handles:
                     h.remove()

@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from isgd_kernels.cost import choose_method
+from isgd_kernels.reference import accumulation_dtype
 from isgd_kernels.triton.linear_norms import (
-    _acc_dtype,
     _dot_operands_to_fp32,
     _dot_precision,
     _tile,
@@ -207,7 +207,7 @@ def conv_sq_norms_triton(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: S
                          bias: bool, method: str = "auto") -> torch.Tensor:
     """x (B, C_in, *S), grad_out (B, C_out, *O), validated (see isgd_kernels.conv) -> (B,)."""
     B = x.shape[0]
-    acc = _acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     if B == 0:
         return torch.empty(0, device=x.device, dtype=acc)
     x, grad_out, ks, st, lo, dil = _as_3d(x, grad_out, kernel_size, stride, padding, dilation)

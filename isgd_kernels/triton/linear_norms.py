@@ -21,9 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from isgd_kernels.reference import accumulation_dtype
 
 
 def _tl_acc_dtype(dtype: torch.dtype):
@@ -172,7 +170,7 @@ def linear_sq_norms_outer_triton(x: torch.Tensor, grad_out: torch.Tensor, bias: 
     """T = 1 path. x (B, 1, d_in), grad_out (B, 1, d_out) -> (B,)."""
     B, _, D = x.shape
     P = grad_out.shape[2]
-    out = torch.empty(B, device=x.device, dtype=_acc_dtype(x.dtype))
+    out = torch.empty(B, device=x.device, dtype=accumulation_dtype(x.dtype))
     if B == 0:
         return out
     # Bandwidth-bound: ~4K elements per loop step per program keeps loads wide without spilling.
@@ -191,7 +189,7 @@ def linear_sq_norms_ghost_triton(x: torch.Tensor, grad_out: torch.Tensor, bias: 
     """Ghost-norm path. x (B, T, d_in), grad_out (B, T, d_out) -> (B,)."""
     B, T, D = x.shape
     P = grad_out.shape[2]
-    acc = _acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     if B == 0:
         return torch.empty(0, device=x.device, dtype=acc)
     block_t = _tile(T, 16, 64)
@@ -212,7 +210,7 @@ def linear_sq_norms_materialize_triton(x: torch.Tensor, grad_out: torch.Tensor, 
     """Tile-materialize path. x (B, T, d_in), grad_out (B, T, d_out) -> (B,)."""
     B, T, D = x.shape
     P = grad_out.shape[2]
-    acc = _acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     if B == 0:
         return torch.empty(0, device=x.device, dtype=acc)
     block_p = _tile(P, 16, 64)
