@@ -155,9 +155,7 @@ def conv_grad_sq_norms_ref(x: torch.Tensor, grad_out: torch.Tensor, kernel_size:
 def _conv_torch_chunked(x, grad_out, kernel_size, stride, padding, dilation, groups, bias, method):
     """The im2col path a batch chunk at a time: peak memory ~_TORCH_CHUNK_ELEMENTS, not B * T * d."""
     B = x.shape[0]
-    T = math.prod(grad_out.shape[2:])
-    d = x.shape[1] // groups * math.prod(kernel_size)
-    p = grad_out.shape[1] // groups
+    T, d, p = group_problem(x, grad_out, kernel_size, groups)
     resolved = choose_method(T, d, p, method)
     inner = T * T if resolved == "ghost" else p * d
     per_example = groups * (T * d + T * p + inner) + x[0].numel()
@@ -179,10 +177,14 @@ def _cpp_op_built() -> bool:
     return _extension._C is not None and hasattr(torch.ops.isgd_kernels, _CPP_OP)
 
 
+def group_problem(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, groups: int) -> tuple[int, int, int]:
+    """(T, d, p) of one group's Linear problem: output positions, C_in/groups * prod(k), C_out/groups."""
+    return math.prod(grad_out.shape[2:]), x.shape[1] // groups * math.prod(kernel_size), grad_out.shape[1] // groups
+
+
 def _cpp_method(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, groups: int, method: str) -> str:
     """The cost rule of isgd_kernels.cost applied to one group's (T, d, p) problem."""
-    T = math.prod(grad_out.shape[2:])
-    return choose_method(T, x.shape[1] // groups * math.prod(kernel_size), grad_out.shape[1] // groups, method)
+    return choose_method(*group_problem(x, grad_out, kernel_size, groups), method)
 
 
 # ---------------------------------------------------------------------------------- the custom op
