@@ -80,6 +80,7 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
 using outer::OuterSeg;
 
 #ifdef ISGD_OUTER_AVX512
+using outer::kOuterChunkElements;
 using outer::kOuterMaxRows;
 using outer::outer_kernel;
 using outer::cpu_has_avx512;
@@ -89,8 +90,6 @@ using outer::cpu_has_avx512;
 // Short problems run as fast as long ones (the dot blocks along positions that this replaced lost to
 // at::mm below T = 64; now T = 4, 16: 2.8-3.9 / 1.3-1.7 ms with at::mm -> 0.48 / 0.40-0.45 ms, 128 / 64
 // channels, B = 64).
-// Positions per chunk: packed G rows of chunk * NV * 16 floats stay in L2 (2^16 floats, 256 KiB).
-constexpr int64_t kOuterChunkElements = int64_t(1) << 16;
 
 // GCC 12's AVX-512 headers start unmasked shuffles from _mm512_undefined_ps(), which -Wall reports as
 // "used uninitialized" once inlined here.

@@ -113,9 +113,6 @@ at::Tensor linear_sq_norms_ghost_cpu(const at::Tensor& x, const at::Tensor& g, b
 }
 
 #ifdef ISGD_OUTER_AVX512
-// Positions per chunk: a column block's G rows (chunk x at most 64 floats, 2^16 floats = 256 KiB) stay in
-// L2 while every row block of U^T streams over them. Longer T runs in chunks with W in memory.
-constexpr int64_t kOuterChunkElements = int64_t(1) << 16;
 // Most floats in a thread's W block (d x 64 with T in chunks); larger d uses the bmm path.
 constexpr int64_t kOuterMaxBuffer = int64_t(1) << 22;
 
@@ -149,7 +146,7 @@ class OuterLinear {
     if (p_ % 16) gbuf_.assign(T_ * ldg_, 0.f);  // columns past p stay zero
     nb_ = (nv_ + 3) / 4;
     ldw_ = 16 * ((nv_ + nb_ - 1) / nb_);  // the widest column block
-    const int64_t per_chunk = std::max<int64_t>(1, kOuterChunkElements / ldw_);
+    const int64_t per_chunk = std::max<int64_t>(1, outer::kOuterChunkElements / ldw_);
     const int64_t chunks = (T_ + per_chunk - 1) / per_chunk;
     chunk_ = (T_ + chunks - 1) / chunks;
     if (chunks > 1) w_.resize(d_ * ldw_);

@@ -37,6 +37,9 @@ struct OuterSeg {
 // every row. G row t is at g + t * ldg and must hold NV * 16 readable floats (callers pad the tail).
 // Most rows per block for NV = 1 .. 4 vectors of G: 24 accumulators at most, 32 zmm registers.
 constexpr int kOuterMaxRows[4] = {12, 14, 8, 6};
+// Positions per chunk: a column block's G rows (chunk x at most 64 floats, 2^16 floats = 256 KiB) stay in
+// L2 while every row block of U^T streams over them; longer T runs in chunks with W in memory.
+constexpr int64_t kOuterChunkElements = int64_t(1) << 16;
 
 template <int R, int NV>
 __attribute__((target("avx512f,fma"))) void outer_block(const float* const* rows, const OuterSeg* seg,
