@@ -132,6 +132,7 @@ class Trainer:
                 self.pool.start(self.model, self.step)
             if self.step == 0 and cfg.diag_every:
                 self._diagnose()
+            self.model.train()  # once: scoring and diagnostics give every module its mode back
             bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.mode, unit="step", disable=not cfg.progress,
                        dynamic_ncols=True, mininterval=0.5)
             with bar:
@@ -160,7 +161,6 @@ class Trainer:
         if self.config.mode == "issgd" and (self.step % self.config.refresh_every == 0 or self.table is None):
             self._refresh()
         index, iw = self.draw_batch()
-        self.model.train()
         losses = XENT(self.model(self.data.x_train[index]), self.data.y_train[index])
         loss = self.batch_loss(losses, iw)
         self.optimizer.zero_grad(set_to_none=True)
