@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from isgd_kernels.sampler import AliasTable
+from isgd_kernels import AliasTable
 
 SIZES = [10**5, 10**6, 10**7, pytest.param(10**8, marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="N = 1e8 is a GPU-only size"))]

@@ -21,7 +21,7 @@ import torch
 from benchmarks.harness import figure, grouped_bars, measure_side_by_side, peak_extra_memory_mb, write_results
 from benchmarks.providers import XENT, Provider, Unsupported, providers
 from benchmarks.workloads import Workload, field_workloads
-from isgd_kernels.reference import per_example_grad_norms_loop
+from isgd_kernels.scorer.reference import per_example_grad_norms_loop
 
 STEP = "training step (fwd+bwd+SGD)"
 CHECKED = 4  # examples checked against the float64 reference

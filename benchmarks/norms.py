@@ -24,7 +24,7 @@ from benchmarks.harness import (
 )
 from benchmarks.providers import XENT, timed_backends
 from benchmarks.workloads import TokenMLP, paper_mlp
-from isgd_kernels.reference import per_example_grad_norms_loop, per_example_grad_norms_vmap
+from isgd_kernels.scorer.reference import per_example_grad_norms_loop, per_example_grad_norms_vmap
 
 
 # ------------------------------------------------------------------------------ providers

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 import isgd_kernels
-from isgd_kernels import _extension
-from isgd_kernels.reference import per_example_grad_norms_loop, per_example_grad_norms_vmap
+from isgd_kernels import _backend
+from isgd_kernels.scorer.reference import per_example_grad_norms_loop, per_example_grad_norms_vmap
 
 XENT = nn.CrossEntropyLoss(reduction="none")
 Norms = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -85,16 +85,16 @@ def _scorer(backend: str) -> Callable[[nn.Module], Norms]:
 def timed_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
     """isgd_kernels backends worth timing on `device`, and why each of the others is not."""
     out, left_out = [], {}
-    for backend in _extension.BACKENDS:
+    for backend in _backend.BACKENDS:
         if backend == "triton" and device.type != "cuda":
             left_out[backend] = ("not timed: without a GPU Triton runs in its interpreter, a test tool whose "
                                  "timings mean nothing")
         elif backend == "cuda" and device.type != "cuda":
             left_out[backend] = "needs a CUDA device"
-        elif _extension.backend_available(backend, device, "_linear_sq_norms_ghost"):
+        elif _backend.backend_available(backend, device, "_linear_sq_norms_ghost"):
             out.append(backend)
         else:
-            left_out[backend] = _extension.backend_unavailable_reason(backend, device, "_linear_sq_norms_ghost")
+            left_out[backend] = _backend.backend_unavailable_reason(backend, device, "_linear_sq_norms_ghost")
     return out, left_out
 
 

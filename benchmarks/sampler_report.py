@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import device_slug, environment, figure, measure, synchronize, write_results  # noqa: E402
-from isgd_kernels.sampler import AliasTable  # noqa: E402
+from isgd_kernels import AliasTable  # noqa: E402
 from torch.utils.data import WeightedRandomSampler  # noqa: E402
 
 BATCH = 128

@@ -13,7 +13,7 @@ fi
 
 missing=()
 for spec in numpy tqdm pytest:pytest pytest_benchmark:pytest-benchmark sklearn:scikit-learn \
-            matplotlib triton ninja; do
+            matplotlib triton ninja importlinter:import-linter; do
   module=${spec%%:*}; package=${spec#*:}
   "$PY" -c "import $module" 2>/dev/null || missing+=("$package")
 done

@@ -19,7 +19,7 @@ from torch.utils import benchmark
 from tqdm import tqdm
 
 import isgd_kernels
-from isgd_kernels.reference import per_example_grad_norms_loop, per_example_grad_norms_vmap
+from isgd_kernels.scorer.reference import per_example_grad_norms_loop, per_example_grad_norms_vmap
 from issgd.data import load_digits
 from issgd.diagnostics import mean_grad_sq_norm, sqrt_trace_covariances
 from issgd.models import mlp, paper_mlp
@@ -128,7 +128,7 @@ def run_demo(args) -> int:
 
     bench = [] if args.no_bench else microbenchmarks(device, args.backend, x_train, y_train)
     if bench:
-        print(f"\nMicrobenchmarks ({isgd_kernels._extension.resolve_backend(args.backend, device, ('_linear_sq_norms_outer',))} "
+        print(f"\nMicrobenchmarks ({isgd_kernels._backend.resolve_backend(args.backend, device, ('_linear_sq_norms_outer',))} "
               f"backend, {device}, {torch.get_num_threads()} threads; median times, measured side by side)")
         print(f"{'model':<26} {'batch':>5} {'provider':<30} {'ms':>9} {'x step':>7}")
         for name, batch, label, ms, ratio in bench:

@@ -1,4 +1,4 @@
-"""The distributed scoring driver, on torch.distributed (DESIGN.md section 4).
+"""The distributed scoring driver, on torch.distributed (docs/design.md, "Distributed scoring").
 
 Rank 0 is the master (it trains); ranks 1..W are scoring workers, each owning the shard of
 examples ``shard_of(rank)``. Start-up is one rendezvous (``env://``: MASTER_ADDR/MASTER_PORT/RANK/
@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from issgd.config import TrainConfig
 from issgd.scoring import XENT, ChunkCursor, ScoreResult, shard_of
 
 log = logging.getLogger("issgd")
@@ -220,17 +221,13 @@ def worker_entry(local_index: int, config: dict) -> None:
     """Entry point of a spawned worker (ranks 1..W)."""
     if config["device"].startswith("cpu"):
         os.nice(WORKER_NICE)  # before the imports: they alone take seconds of CPU
-    from issgd.trainer import TrainConfig
-
     os.environ["RANK"] = str(local_index + 1)
     run_worker(TrainConfig(**config))
 
 
-def run_worker(config) -> None:
+def run_worker(config: TrainConfig) -> None:
     """Score this rank's shard, chunk by chunk, with the freshest parameters, until told to stop."""
-    import isgd_kernels
-    from issgd.data import load_dataset
-    from issgd.models import build_model
+    from issgd.job import build_job  # imported here: a spawned worker lowers its priority first
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = rank_device(config.device, rank)
@@ -239,13 +236,10 @@ def run_worker(config) -> None:
         os.nice(max(0, WORKER_NICE - os.nice(0)))  # torchrun-launched workers were not niced yet
     store = connect(rank, world_size, device)
     try:
-        data = load_dataset(config.dataset, data_dir=config.data_dir, flatten=config.model == "mlp",
-                            seed=config.seed).to(device)
-        model = build_model(config.model, data.image_shape, data.classes, config.hidden).to(device)
-        scorer = isgd_kernels.GradNormScorer(model, backend=config.backend)
+        job = build_job(config, device)
+        data, model, scorer = job.data, job.model, job.scorer
         cursor = ChunkCursor(shard_of(rank, world_size - 1, len(data.x_train)), config.chunk_size)
         delay = dict(config.slow_workers).get(rank, 0.0)
-        scorer.norms(data.x_train[:2], data.y_train[:2], XENT)  # first call costs ~1 s once: pay it before start
         dist.barrier()
         version, scored = None, 0
         while not store.check([KEY_STOP]):

@@ -2,7 +2,7 @@
 
 ``ScoreBoard`` holds, for each training example, its last known norm ||g_i|| and the parameter
 version (master step) it was computed with, and turns them into the sampling weights
-w_i = ||g_i|| + c of DESIGN.md section 2. No example ever gets probability 0 because it is stale
+w_i = ||g_i|| + c (docs/design.md, "The algorithm"). No example ever gets probability 0 because it is stale
 or not scored yet: unscored examples get the mean weight of the scored ones, and every weight is
 floored at a tiny fraction of the mean (a zero weight would drop an example whose gradient may no
 longer be zero, which biases the step).

@@ -1,4 +1,4 @@
-"""The reference ISSGD trainer (DESIGN.md section 2): importance-sampled SGD as in Alain et al.
+"""The reference ISSGD trainer (docs/design.md, "The algorithm"): importance-sampled SGD as in Alain et al.
 
 Every ``refresh_every`` (K) master steps the master takes in the norms the scorers have produced
 (inline, or from the distributed workers), turns them into weights w_i = ||g_i|| + c, rebuilds the
@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,62 +22,18 @@ from tqdm import tqdm
 
 import isgd_kernels
 from isgd_kernels.scorer import evaluating
-from issgd.data import load_dataset
+from issgd.config import TrainConfig
 from issgd.diagnostics import loss_and_error, variance_diagnostics
 from issgd.distributed import ScoringPool, launched_by_torchrun
-from issgd.models import build_model
+from issgd.job import build_job
 from issgd.scoring import XENT, ChunkCursor, ScoreBoard
+
+__all__ = ["TrainConfig", "Trainer"]
 
 log = logging.getLogger("issgd")
 
-MODES = ("issgd", "usgd")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    mode: str = "issgd"
-    dataset: str = "digits"
-    data_dir: str | None = None
-    model: str = "mlp"
-    hidden: tuple[int, ...] = (256, 256)
-    steps: int = 2000
-    batch_size: int = 128
-    lr: float = 0.01
-    momentum: float = 0.95
-    smoothing: float = 0.1
-    refresh_every: int = 32
-    workers: int = 0
-    chunk_size: int = 2048
-    worker_threads: int = 1
-    master_threads: int | None = None
-    worker_timeout: float = 60.0
-    diag_every: int = 100
-    diag_examples: int = 10000
-    checkpoint_every: int = 0
-    resume: str | None = None
-    out: str = "runs/issgd"
-    seed: int = 0
-    device: str = "cpu"
-    backend: str = "auto"
-    progress: bool = True
-    slow_workers: tuple[tuple[int, float], ...] = field(default=())  # (rank, seconds per chunk): fault tests
-
-    def validate(self) -> TrainConfig:
-        checks = [(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
-                  (self.steps >= 0, "steps must be >= 0"), (self.batch_size >= 1, "batch size must be >= 1"),
-                  (self.lr > 0, "lr must be > 0"), (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
-                  (self.smoothing >= 0, "smoothing must be >= 0"), (self.refresh_every >= 1, "refresh-every must be >= 1"),
-                  (self.workers >= 0, "workers must be >= 0"), (self.chunk_size >= 1, "chunk size must be >= 1"),
-                  (self.diag_every >= 0, "diag-every must be >= 0"), (self.diag_examples >= 1, "diag-examples must be >= 1"),
-                  (self.checkpoint_every >= 0, "checkpoint-every must be >= 0"),
-                  (self.worker_threads >= 1, "worker threads must be >= 1"),
-                  (self.master_threads is None or self.master_threads >= 1, "master threads must be >= 1")]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        return self
 
 
 class Trainer:
@@ -95,15 +51,11 @@ class Trainer:
         self.workers = int(os.environ["WORLD_SIZE"]) - 1 if self.distributed else config.workers
         if config.master_threads is not None:
             torch.set_num_threads(config.master_threads)
-        torch.manual_seed(config.seed)
-        self.data = load_dataset(config.dataset, data_dir=config.data_dir, flatten=config.model == "mlp",
-                                 seed=config.seed).to(self.device)
+        job = build_job(config, self.device)
+        self.data, self.model, self.scorer = job.data, job.model, job.scorer
         self.n = len(self.data.x_train)
-        self.model = build_model(config.model, self.data.image_shape, self.data.classes, config.hidden).to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                          nesterov=config.momentum > 0)
-        self.scorer = isgd_kernels.GradNormScorer(self.model, backend=config.backend)
-        self.scorer.norms(self.data.x_train[:2], self.data.y_train[:2], XENT)  # one-time ~1 s warm-up, not in the timings
         self.board = ScoreBoard(self.n, config.smoothing)
         self.cursor = ChunkCursor(torch.arange(self.n), config.chunk_size)  # inline scoring (workers = 0)
         self.generator = torch.Generator(self.device).manual_seed(config.seed + 1)

@@ -1,7 +1,7 @@
 """Alias-table sampler: table correctness on adversarial weights, distribution tests, guarantees,
 bad inputs, the DataLoader sampler, and opcheck of the custom ops -- on every backend that runs here.
 
-Oracle: isgd_kernels/reference_sampler.py. Tolerances: an implied mass (in units of 1/N) is exact up
+Oracle: isgd_kernels/alias/reference.py. Tolerances: an implied mass (in units of 1/N) is exact up
 to float64 rounding of prefix sums of magnitude <= N, i.e. 32 N eps (observed <= 6 N eps); items
 with s < 1/2 are never alias targets, so their mass is their own threshold, exact to a few ulps.
 """
@@ -12,14 +12,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
-from isgd_kernels import _extension
-from isgd_kernels.reference_sampler import (
+from isgd_kernels import _backend
+from isgd_kernels.alias.reference import (
     alias_build_ref,
     alias_implied_mass,
     alias_sample_ref,
     alias_sample_weighted_ref,
 )
-from isgd_kernels.sampler import AliasSampler, AliasTable, alias_build
+from isgd_kernels.alias import AliasTable, alias_build, alias_sample, alias_sample_weighted
+from isgd_kernels.alias.sampler import AliasSampler
 
 from utils import DEVICES
 
@@ -31,7 +32,7 @@ def _backends():
     for device in DEVICES:
         dev = torch.device(device)
         for b in ("cpu", "cuda", "triton", "torch"):
-            if _extension.backend_unavailable_reason(b, dev, "_alias_build") is None:
+            if _backend.backend_unavailable_reason(b, dev, "_alias_build") is None:
                 out.append((device, b))
     return out
 
@@ -174,7 +175,7 @@ def test_all_equal_weights_are_exactly_uniform(device, backend, value):
 
 def test_matches_reference_table_exactly_triton():
     """The Triton build evaluates the reference's formulas on the same prefix sums: bit-identical."""
-    if _extension.backend_unavailable_reason("triton", torch.device("cpu"), "_alias_build") is not None:
+    if _backend.backend_unavailable_reason("triton", torch.device("cpu"), "_alias_build") is not None:
         pytest.skip("Triton not runnable here")
     g = torch.Generator().manual_seed(3)
     for name, w in _cases(300, g):
@@ -183,7 +184,7 @@ def test_matches_reference_table_exactly_triton():
         assert torch.equal(t0, t1) and torch.equal(a0, a1) and float(m0) == float(m1), name
 
 
-_HAS_CPU_BUILD = _extension.backend_unavailable_reason("cpu", torch.device("cpu"), "_alias_build") is None
+_HAS_CPU_BUILD = _backend.backend_unavailable_reason("cpu", torch.device("cpu"), "_alias_build") is None
 needs_cpu_build = pytest.mark.skipif(not _HAS_CPU_BUILD, reason="C++ CPU kernels not built")
 
 
@@ -288,10 +289,10 @@ def test_draw_kernels_match_reference(device, backend):
         t, a, mean = alias_build_ref(w)
         bits = torch.empty((5000, 2), dtype=torch.int64, device=device).random_(-(2**63), None, generator=_gen(device, n))
         table = AliasTable(w, backend=backend)
-        got = table._draw(t, a, bits)
+        got = alias_sample(t, a, bits, backend=table.backend)
         assert torch.equal(got.cpu(), alias_sample_ref(t, a, bits).cpu())
         for dtype in (torch.float32, torch.float64):
-            gi, giw = table._draw_weighted(t, a, w.contiguous(), mean, bits, dtype)
+            gi, giw = alias_sample_weighted(t, a, w.contiguous(), mean, bits, dtype, backend=table.backend)
             ri, riw = alias_sample_weighted_ref(t, a, w, mean, bits, dtype)
             assert torch.equal(gi.cpu(), ri.cpu()) and giw.dtype == dtype
             torch.testing.assert_close(giw.cpu(), riw.cpu(), rtol=1e-6 if dtype == torch.float32 else 1e-15, atol=0)
@@ -514,7 +515,7 @@ def test_sampler_update_weights_any_dtype(backend):
 # ------------------------------------------------------------------------------------------------
 # Custom ops: schemas, fake kernels
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("device", [d for d in DEVICES if _extension.has_kernel("_alias_build", d.upper())])
+@pytest.mark.parametrize("device", [d for d in DEVICES if _backend.has_kernel("_alias_build", d.upper())])
 def test_opcheck(device):
     ops = torch.ops.isgd_kernels
     g = torch.Generator().manual_seed(0)

@@ -4,7 +4,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 import isgd_kernels
-from isgd_kernels import _extension
+from isgd_kernels import _backend
 from isgd_kernels.cost import choose_method, use_ghost_norm
 from tests.utils import DEVICES, RTOL, assert_close_rel
 
@@ -169,12 +169,12 @@ def test_opcheck(device, backend, T):
     torch.library.opcheck(torch.ops.isgd_kernels.linear_grad_sq_norms.default, (x, g, True, backend, "auto"))
 
 
-@pytest.mark.skipif(_extension._C is None, reason="compiled extension not built")
+@pytest.mark.skipif(_backend._C is None, reason="compiled extension not built")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", ["_linear_sq_norms_outer", "_linear_sq_norms_ghost", "_linear_sq_norms_materialize"])
 def test_opcheck_extension_ops(device, op):
     key = "CPU" if device == "cpu" else "CUDA"
-    if not _extension.has_kernel(op, key):
+    if not _backend.has_kernel(op, key):
         pytest.skip(f"{op} has no {key} kernel")
     T = 1 if op.endswith("outer") else 5
     x, g = rand(4, T, 9, device=device), rand(4, T, 6, device=device)
@@ -199,9 +199,9 @@ def test_torch_compile_fullgraph(device):
 
 def test_missing_extension_is_reported_not_fatal(monkeypatch):
     """Without the compiled extension, "auto" falls back to torch and an explicit C++ backend says how to build."""
-    monkeypatch.setattr(_extension, "_C", None)
-    monkeypatch.setattr(_extension, "EXTENSION_ERROR", ImportError("no _C"))
-    monkeypatch.setattr(_extension, "_RESOLVED", {})  # resolutions are memoized per process
+    monkeypatch.setattr(_backend, "_C", None)
+    monkeypatch.setattr(_backend, "EXTENSION_ERROR", ImportError("no _C"))
+    monkeypatch.setattr(_backend, "_RESOLVED", {})  # resolutions are memoized per process
     x, g = rand(3, 4, 5), rand(3, 4, 6)
     assert_close_rel(isgd_kernels.linear_grad_sq_norms(x, g), reference_sq_norms(x, g), RTOL[torch.float32])
     with pytest.raises(RuntimeError, match=r"failed to load \(no _C\).*pip install --no-build-isolation"):
@@ -218,7 +218,7 @@ OUTER_SHAPES = [(4, 2, 5, 16), (3, 3, 13, 17), (4, 7, 29, 64), (2, 5, 37, 80), (
                 (5, 40, 100, 256), (2, 1100, 19, 64), (2, 4200, 3, 16), (1, 6, 10, 32)]
 
 
-@pytest.mark.skipif(_extension._C is None, reason="compiled extension not built")
+@pytest.mark.skipif(_backend._C is None, reason="compiled extension not built")
 @pytest.mark.parametrize("B,T,d,p", OUTER_SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_cpu_materialize_blocks(B, T, d, p, bias):
@@ -228,7 +228,7 @@ def test_cpu_materialize_blocks(B, T, d, p, bias):
     assert_close_rel(got, reference_sq_norms(x, g, bias), RTOL[torch.float32], f"B{B} T{T} d{d} p{p}")
 
 
-@pytest.mark.skipif(_extension._C is None, reason="compiled extension not built")
+@pytest.mark.skipif(_backend._C is None, reason="compiled extension not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("p", [32, 21])
 def test_cpu_materialize_blocks_layouts(dtype, p):

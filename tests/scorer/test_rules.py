@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import isgd_kernels.layer_rules  # noqa: F401  (registers the rules)
 from isgd_kernels import GradNormScorer
-from isgd_kernels.reference import per_example_grad_norms_loop, per_example_grad_norms_vmap
-from isgd_kernels.scorer import RULES
+from isgd_kernels.scorer.reference import per_example_grad_norms_loop, per_example_grad_norms_vmap
+from isgd_kernels.scorer.registry import RULES
 from tests.utils import DEVICES, assert_close_rel
 
 xent = nn.CrossEntropyLoss(reduction="none")
@@ -243,8 +242,8 @@ def test_batch_norm_without_running_stats_is_refused():
 
 def test_batch_norm_training_is_refused_by_rule():
     """The scorer refuses BatchNorm in training mode before the pass; the rule refuses too if called."""
-    from isgd_kernels.layer_rules import batch_norm_rule
-    from isgd_kernels.scorer import LayerCapture
+    from isgd_kernels.scorer.registry import LayerCapture
+    from isgd_kernels.scorer.rules.norm import batch_norm_rule
 
     bn = nn.BatchNorm2d(3).train()
     cap = LayerCapture("bn", bn, {"weight": True, "bias": True}, inputs=(torch.randn(2, 3, 4, 4),))

@@ -6,7 +6,7 @@ returns (B,) float32 (float64 for float64 inputs).
 
 Every rank runs as 3-D: a 1-D or 2-D convolution gets leading spatial dims of size 1 (views, no
 copy), kernel 1, stride 1, padding 0. Per (example, group) the problem is the Linear one with
-U (T, d), d = C_in/groups * kd*kh*kw, and G (T, p), p = C_out/groups (see isgd_kernels.conv):
+U (T, d), d = C_in/groups * kd*kh*kw, and G (T, p), p = C_out/groups (see isgd_kernels.conv_norms):
 
 * Implicit im2col: U[t, k] is never stored. Row t = (od, oh, ow) gives the window corner
   (od*sd - pd, oh*sh - ph, ow*sw - pw); column k = (c, kd, kh, kw) gives the offset
@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from isgd_kernels.cost import choose_method
-from isgd_kernels.reference import accumulation_dtype
-from isgd_kernels.triton.linear_norms import (
+from isgd_kernels._checks import accumulation_dtype
+from isgd_kernels.linear_norms.triton import (
     _dot_operands_to_fp32,
     _dot_precision,
     _tile,
@@ -205,7 +205,7 @@ def _as_3d(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, stride, padding
 def conv_sq_norms_triton(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: Sequence[int],
                          stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
                          bias: bool, method: str = "auto") -> torch.Tensor:
-    """x (B, C_in, *S), grad_out (B, C_out, *O), validated (see isgd_kernels.conv) -> (B,)."""
+    """x (B, C_in, *S), grad_out (B, C_out, *O), validated (see isgd_kernels.conv_norms) -> (B,)."""
     B = x.shape[0]
     acc = accumulation_dtype(x.dtype)
     if B == 0:

@@ -1,16 +1,20 @@
-"""Loading of the compiled extension and the availability of each backend.
+"""The compiled extension, the availability of each backend, and dispatch ("auto" resolution).
 
 Importing isgd_kernels never fails because a backend is missing; asking for a missing backend
-raises an error that says how to get it.
+raises an error that says how to get it. Every op family resolves its backend here and registers
+the fake (meta) kernels of its compiled ops through `register_extension_fake`.
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
 
 try:
-    from isgd_kernels import _C  # noqa: F401  (registers the C++/CUDA ops with the dispatcher)
+    # Loading the extension registers its C++/CUDA ops with the dispatcher. By name: it is a compiled
+    # module, not part of the Python import graph (which the import contracts check).
+    _C = importlib.import_module("isgd_kernels._C")
 
     EXTENSION_ERROR: Exception | None = None
 except ImportError as exc:  # built without the extension, or a torch ABI mismatch
@@ -105,3 +109,16 @@ def _resolve_backend(backend: str, device: torch.device, ops: tuple[str, ...], c
         if reason is not None:
             raise RuntimeError(f"isgd_kernels: backend '{backend}' is unavailable: {reason}")
     return backend
+
+
+def register_extension_fake(op: str):
+    """Decorator: make `fake` the fake (meta) kernel of the compiled op ``isgd_kernels::<op>``, so the op
+    traces under torch.compile / FakeTensorMode. A build without the op (no extension, or a stale one
+    that predates it) registers nothing. Fakes check what shapes can be checked with ``torch._check``,
+    so a traced graph fails at the call that is wrong, not inside a kernel."""
+    def decorate(fake):
+        if _C is not None and hasattr(torch.ops.isgd_kernels, op):
+            torch.library.register_fake(f"isgd_kernels::{op}")(fake)
+        return fake
+
+    return decorate

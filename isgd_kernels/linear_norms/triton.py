@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from isgd_kernels.reference import accumulation_dtype
+from isgd_kernels._checks import accumulation_dtype
 
 
 def _tl_acc_dtype(dtype: torch.dtype):

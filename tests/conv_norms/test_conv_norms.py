@@ -5,11 +5,11 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import isgd_kernels
-import isgd_kernels.conv  # noqa: F401  (registers the op and the Conv rules)
-import isgd_kernels.layer_rules  # noqa: F401
-from isgd_kernels import _extension
-from isgd_kernels.conv import conv_grad_sq_norms, conv_grad_sq_norms_ref, resolve_padding
-from isgd_kernels.reference import per_example_grad_norms_vmap
+import isgd_kernels.conv_norms.reference
+from isgd_kernels import _backend
+from isgd_kernels.conv_norms import conv_grad_sq_norms, conv_output_size, resolve_padding
+from isgd_kernels.conv_norms.reference import conv_grad_sq_norms_ref
+from isgd_kernels.scorer.reference import per_example_grad_norms_vmap
 from tests.utils import DEVICES, RTOL, assert_close_rel
 
 # The float64 reference convs themselves warn that an even 'same' kernel pads a copy of the input.
@@ -21,14 +21,14 @@ xent = nn.CrossEntropyLoss(reduction="none")
 
 CPP_OP = "_conv_grad_sq_norms"
 NO_CPU_KERNEL = "compiled extension (isgd_kernels._C) without the C++ CPU conv kernel"
-# The CUDA C++ kernel has only been compile-checked (tests/test_cuda_sources.py); these tests are what
-# runs it against the float64 reference, wherever a GPU and a CUDA build exist.
+# These tests run the CUDA C++ kernel against the float64 reference wherever a GPU and a CUDA build
+# exist; without them it is compile-checked only (tests/test_cuda_sources.py).
 NO_CUDA_KERNEL = ("needs a CUDA device and isgd_kernels._C built with the CUDA conv kernel "
                   "(torch with CUDA + nvcc)")
 
 
 def has_cpp(device):
-    return _extension.has_kernel(CPP_OP, "CUDA" if device == "cuda" else "CPU")
+    return _backend.has_kernel(CPP_OP, "CUDA" if device == "cuda" else "CPU")
 
 
 def backends_for(device):
@@ -277,7 +277,7 @@ def test_cpp_op_opcheck_and_determinism(device, backend):
     ]:
         kernel_size, stride, padding, dilation, groups = op_args
         x = torch.randn(*x_shape, device=device)
-        out = isgd_kernels.conv.conv_output_size(x_shape[2:], kernel_size, stride, padding, dilation)
+        out = conv_output_size(x_shape[2:], kernel_size, stride, padding, dilation)
         g = torch.randn(x_shape[0], c_out, *out, device=device)
         args = (x, g, kernel_size, stride, padding, dilation, groups, True, method)
         torch.library.opcheck(op.default, args)
@@ -321,7 +321,7 @@ def test_torch_backend_chunks_the_batch(monkeypatch):
     kw = dict(kernel_size=3, padding=1, groups=2)
     x, g = make_inputs((7, 4, 6, 5), 4, kw)
     expected = reference_sq_norms(x, g, kw)
-    monkeypatch.setattr(isgd_kernels.conv, "_TORCH_CHUNK_ELEMENTS", 1000)  # ~1 example per chunk
+    monkeypatch.setattr(isgd_kernels.conv_norms.reference, "TORCH_CHUNK_ELEMENTS", 1000)  # ~1 example per chunk
     for method in ("ghost", "materialize"):
         assert_close_rel(conv_grad_sq_norms(x, g, backend="torch", method=method, **kw), expected,
                          RTOL[torch.float32], method)
@@ -360,7 +360,7 @@ OPCHECK_CASES = [
 def test_opcheck(device, backend, x_shape, c_out, op_args):
     kernel_size, stride, padding, dilation, groups = op_args
     x = torch.randn(*x_shape, device=device)
-    out = isgd_kernels.conv.conv_output_size(x_shape[2:], kernel_size, stride, padding, dilation)
+    out = conv_output_size(x_shape[2:], kernel_size, stride, padding, dilation)
     g = torch.randn(x_shape[0], c_out, *out, device=device)
     args = (x, g, kernel_size, stride, padding, dilation, groups, True, backend, "auto")
     torch.library.opcheck(torch.ops.isgd_kernels.conv_grad_sq_norms.default, args)
@@ -428,14 +428,14 @@ def test_unavailable_backends_say_so():
     with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
         conv_grad_sq_norms(x, g, backend="cuda", **kw)
 
-    def resolve(backend, device, ops=(isgd_kernels.conv._CPP_OP,)):
-        return _extension.resolve_backend(backend, torch.device(device), ops)
+    def resolve(backend, device, ops=("_conv_grad_sq_norms",)):
+        return _backend.resolve_backend(backend, torch.device(device), ops)
 
     with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable.*needs CUDA tensors"):
         resolve("cuda", "cpu")
     with pytest.raises(RuntimeError, match="backend 'cpu' is unavailable.*needs CPU tensors"):
         resolve("cpu", "cuda")
-    if _extension._C is not None:
+    if _backend._C is not None:
         assert resolve("auto", "cpu") == "cpu"
     # A stale build of the extension that predates an op: "auto" falls back, an explicit request says why.
     assert resolve("auto", "cpu", ("_op_from_a_newer_checkout",)) == "torch"

@@ -1,41 +1,11 @@
-"""Pure-PyTorch reference implementations (the `backend="torch"` path and the CPU oracle).
+"""Whole-model oracles: per-example gradient norms from materialized per-example gradients.
 
-They materialize what the fused kernels avoid (B x T x T Gram matrices, B x d_out x d_in
-per-example gradients), so they are meant for correctness, not for large inputs.
+The tests and benchmarks compare GradNormScorer with these (float64, on fresh random inputs);
+they cost B copies of the parameters (vmap) or B backward passes (loop).
 """
 from __future__ import annotations
 
 import torch
-
-from isgd_kernels.cost import choose_method
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 for everything else (fp16/bf16/fp32)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def linear_grad_sq_norms_ref(x: torch.Tensor, grad_out: torch.Tensor, bias: bool = True,
-                             method: str = "auto") -> torch.Tensor:
-    """Squared per-example gradient norms of a Linear layer.
-
-    x: (B, T, d_in), grad_out: (B, T, d_out) -> (B,) in the accumulation dtype.
-    """
-    acc = accumulation_dtype(x.dtype)
-    a, g = x.to(acc), grad_out.to(acc)
-    B, T, d_in = a.shape
-    resolved = choose_method(T, d_in, g.shape[2], method)
-    if resolved == "outer":
-        sq_g = g[:, 0].square().sum(-1)
-        sq = a[:, 0].square().sum(-1) * sq_g
-    elif resolved == "ghost":
-        gram_g = torch.bmm(g, g.transpose(1, 2))
-        sq = (torch.bmm(a, a.transpose(1, 2)) * gram_g).sum((1, 2))
-    else:
-        sq = torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
-    if bias:
-        sq = sq + g.sum(1).square().sum(-1)
-    return sq
 
 
 def _trainable_and_frozen(model: torch.nn.Module):

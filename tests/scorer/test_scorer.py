@@ -6,7 +6,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import isgd_kernels
 from isgd_kernels import GradNormScorer, UnsupportedModuleError, per_example_grad_norms
-from isgd_kernels.reference import per_example_grad_norms_vmap
+from isgd_kernels.scorer import register_rule
+from isgd_kernels.scorer.reference import per_example_grad_norms_vmap
 from tests.utils import DEVICES, assert_close_rel
 
 xent = nn.CrossEntropyLoss(reduction="none")
@@ -282,30 +283,22 @@ def test_input_that_requires_grad_is_left_alone():
 def test_each_layer_is_scored_as_its_gradient_arrives():
     """The rules run inside backward, last layer first, and each frees its layer's activations before the
     next layer's gradient is computed: the pass never holds every layer's output gradient at once."""
-    from isgd_kernels import scorer as scorer_module
+    from isgd_kernels.scorer.rules.linear import linear_rule
 
     model = mlp(widths=(8, 7, 6)).float()
     seen = []
-    linear_rule = scorer_module.RULES[nn.Linear]
 
     def spying_rule(cap, grad_output, backend):
-        captured = [c for c in scorer.last_captures if c.inputs]
+        captured = [c for c in scorer.layers if c.inputs]
         seen.append((cap.name, sorted(c.name for c in captured)))
         return linear_rule(cap, grad_output, backend)
 
     scorer = GradNormScorer(model)
-    plan = scorer._plan
-
-    def recording_plan():
-        scorer.last_captures = plan()
-        return scorer.last_captures
-
-    scorer._plan = recording_plan
-    scorer_module.RULES[nn.Linear] = spying_rule
+    register_rule(nn.Linear, spying_rule)
     try:
         scorer.norms(torch.randn(4, 23), torch.randint(0, 5, (4,)), xent)
     finally:
-        scorer_module.RULES[nn.Linear] = linear_rule
+        register_rule(nn.Linear, linear_rule)
     # When layer k's rule runs, only layers 0..k still hold activations.
     assert seen == [("6", ["0", "2", "4", "6"]), ("4", ["0", "2", "4"]), ("2", ["0", "2"]), ("0", ["0"])]
 

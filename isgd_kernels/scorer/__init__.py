@@ -15,50 +15,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from isgd_kernels.ops import linear_grad_sq_norms_impl, linear_op_args
-from isgd_kernels.reference import accumulation_dtype
+from isgd_kernels._checks import accumulation_dtype
+from isgd_kernels.scorer import rules  # noqa: F401  (registers the built-in rules)
+from isgd_kernels.scorer.registry import (RULES, LayerCapture, Rule, UnsupportedModuleError, register_rule,
+                                          supported_names)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-
-class UnsupportedModuleError(TypeError):
-    """A module with trainable parameters that the scorer has no exact rule for."""
-
-
-@dataclass
-class LayerCapture:
-    """What the forward pass recorded for one scored module."""
-
-    name: str
-    module: nn.Module
-    trainable: dict[str, bool]  # direct parameter name -> requires_grad at the start of the pass
-    inputs: tuple = ()
-    calls: int = 0
-
-
-# rule(capture, grad_output, backend) -> (B,) squared norm of the module's trainable direct parameters.
-Rule = Callable[[LayerCapture, torch.Tensor, str], torch.Tensor]
-
-
-def _linear_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> torch.Tensor:
-    x = cap.inputs[0]
-    with_bias = cap.module.bias is not None and cap.trainable.get("bias", False)
-    if cap.trainable.get("weight", False):
-        return linear_grad_sq_norms_impl(*linear_op_args(x, grad_output, backend), with_bias, backend, "auto")
-    # Only the bias is trainable: ||sum_t delta_t||^2.
-    g = grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1]).to(accumulation_dtype(grad_output.dtype))
-    return g.sum(1).square().sum(-1)
-
-
-# Exact types only: a subclass may use its parameters differently in forward (LoRA, quantized, ...).
-RULES: dict[type, Rule] = {
-    nn.Linear: _linear_rule,
-}
+__all__ = ["GradNormScorer", "LayerCapture", "Rule", "UnsupportedModuleError", "evaluating",
+           "per_example_grad_norms", "register_rule"]
 
 
 @contextlib.contextmanager
@@ -96,16 +65,6 @@ class _NormTap(torch.autograd.Function):
         return grad_output, None, None, None
 
 
-def register_rule(module_type: type, rule: Rule) -> None:
-    """Teach the scorer a new module type. `rule(capture, grad_output, backend) -> (B,)` must return
-    the exact per-example squared gradient norm of the module's trainable direct parameters."""
-    RULES[module_type] = rule
-
-
-def _supported_names() -> str:
-    return ", ".join(sorted(t.__name__ for t in RULES))
-
-
 class GradNormScorer:
     """Computes ||grad_theta l_i|| for every example i of a batch, for all trainable parameters.
 
@@ -124,7 +83,7 @@ class GradNormScorer:
         self.model = model
         self.eval_mode = eval_mode
         self.backend = backend
-        self._plan()  # fail early on unsupported modules
+        self.layers: list[LayerCapture] = self._plan()  # fail early on unsupported modules
 
     def _plan(self) -> list[LayerCapture]:
         """The modules with trainable direct parameters, each with its rule; refuses what it cannot do."""
@@ -139,7 +98,7 @@ class GradNormScorer:
                 raise UnsupportedModuleError(
                     f"GradNormScorer: module '{label}' ({type(module).__name__}) has trainable parameters "
                     f"{[p for p, t in trainable.items() if t]} and no per-example norm rule. Supported: "
-                    f"{_supported_names()}. Freeze it (requires_grad_(False)) to leave it out, or add a rule with "
+                    f"{supported_names()}. Freeze it (requires_grad_(False)) to leave it out, or add a rule with "
                     "isgd_kernels.scorer.register_rule.")
             for pname, p in params.items():
                 if trainable[pname] and p in owner:
@@ -165,7 +124,8 @@ class GradNormScorer:
             raise ValueError("GradNormScorer.norms: inputs must be a batched tensor (B, ...) or a tuple whose "
                              "first element is one")
         batch = args[0].shape[0]
-        captures = self._plan()
+        # Planned anew each pass (requires_grad may have changed); `layers` shows what the pass holds.
+        captures = self.layers = self._plan()
         model = self.model
         params = list(model.parameters())
         requires_grad = [p.requires_grad for p in params]
@@ -270,6 +230,3 @@ def per_example_grad_norms(model: nn.Module, loss_fn: LossFn, inputs, targets, *
     """||grad_theta l_i|| for each example, shape (B,). See GradNormScorer."""
     return GradNormScorer(model, eval_mode=eval_mode, backend=backend).norms(inputs, targets, loss_fn)
 
-
-import isgd_kernels.conv  # noqa: E402,F401  (registers the Conv1d/2d/3d rule)
-import isgd_kernels.layer_rules  # noqa: E402,F401  (registers the Embedding and normalization-layer rules)

@@ -1,13 +1,15 @@
-"""Public ops: per-example gradient norms of layers, registered as `torch.ops.isgd_kernels.*`.
+"""The Linear op: per-example gradient norms of a Linear layer, `torch.ops.isgd_kernels.linear_grad_sq_norms`.
 
-Every public op is a custom op with a fake (meta) kernel, so it passes `torch.library.opcheck` and
-traces under `torch.compile(fullgraph=True)`. Inside, it dispatches to one of four backends:
+A custom op with a fake (meta) kernel, so it passes `torch.library.opcheck` and traces under
+`torch.compile(fullgraph=True)`. Inside, it dispatches to one of four backends:
 
-  "triton" - fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1)
-  "cuda"   - CUDA C++ kernels of the compiled extension
-  "cpu"    - C++ kernels of the compiled extension
-  "torch"  - pure PyTorch (isgd_kernels.reference), materializes intermediates
+  "triton" - fused Triton kernels (linear_norms/triton.py; CUDA, CPU only under TRITON_INTERPRET=1)
+  "cuda"   - CUDA C++ kernels of the compiled extension (csrc/linear_norms/)
+  "cpu"    - C++ kernels of the compiled extension (csrc/linear_norms/)
+  "torch"  - pure PyTorch (linear_norms/reference.py), materializes intermediates
   "auto"   - the fastest one available for the tensors' device
+
+The math (outer product, ghost norm, tile-materialize) is in docs/design.md.
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ from collections.abc import Callable
 
 import torch
 
-from isgd_kernels import _extension
-from isgd_kernels._extension import resolve_backend
-from isgd_kernels.cost import METHODS, choose_method
-from isgd_kernels.reference import accumulation_dtype, linear_grad_sq_norms_ref
+from isgd_kernels._backend import register_extension_fake, resolve_backend
+from isgd_kernels._checks import (accumulation_dtype, check_backend_and_method, check_pair, promote_pair,
+                                  shape_str)
+from isgd_kernels.cost import choose_method
+from isgd_kernels.linear_norms.reference import linear_grad_sq_norms_ref
 
 # Low-level kernels per (backend, method). C++/CUDA ones are the extension's dispatcher ops.
 _LINEAR_CPP_OPS = {
@@ -29,12 +32,12 @@ _LINEAR_CPP_OPS = {
 
 
 def _linear_triton(method: str) -> Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]:
-    from isgd_kernels.triton import linear_norms  # imported lazily: Triton is optional
+    from isgd_kernels.linear_norms import triton as kernels  # imported lazily: Triton is optional
 
     return {
-        "outer": linear_norms.linear_sq_norms_outer_triton,
-        "ghost": linear_norms.linear_sq_norms_ghost_triton,
-        "materialize": linear_norms.linear_sq_norms_materialize_triton,
+        "outer": kernels.linear_sq_norms_outer_triton,
+        "ghost": kernels.linear_sq_norms_ghost_triton,
+        "materialize": kernels.linear_sq_norms_materialize_triton,
     }[method]
 
 
@@ -59,37 +62,15 @@ _linear_grad_sq_norms_op = torch.library.custom_op("isgd_kernels::linear_grad_sq
     linear_grad_sq_norms_impl)
 
 
-@_linear_grad_sq_norms_op.register_fake
-def _(x, grad_out, bias, backend, method):
+def _fake_sq_norms(x, grad_out, *args):
+    torch._check(x.dim() == 3 and grad_out.dim() == 3, lambda: "x and grad_out must be (B, T, d)")
+    torch._check(x.shape[:2] == grad_out.shape[:2], lambda: "x and grad_out must agree on (B, T)")
     return x.new_empty(x.shape[0], dtype=accumulation_dtype(x.dtype))
 
 
-def _register_extension_fakes() -> None:
-    if _extension._C is None:
-        return
-    for name in _LINEAR_CPP_OPS.values():
-        @torch.library.register_fake(f"isgd_kernels::{name}")
-        def _fake(x, grad_out, bias):
-            return x.new_empty(x.shape[0], dtype=accumulation_dtype(x.dtype))
-
-
-_register_extension_fakes()
-
-
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
-def _check_pair(x, grad_out, name_x: str, name_g: str, op: str) -> None:
-    for name, t in ((name_x, x), (name_g, grad_out)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"{op}: {name} must be a floating-point tensor (float16/bfloat16/float32/float64), "
-                             f"got {t.dtype}")
-    if x.device != grad_out.device:
-        raise ValueError(f"{op}: {name_x} is on {x.device} but {name_g} is on {grad_out.device}; "
-                         "move both to the same device")
+_linear_grad_sq_norms_op.register_fake(_fake_sq_norms)
+for _name in _LINEAR_CPP_OPS.values():
+    register_extension_fake(_name)(_fake_sq_norms)
 
 
 def linear_grad_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, *, bias: bool = True,
@@ -116,20 +97,15 @@ def linear_op_args(x: torch.Tensor, grad_out: torch.Tensor, backend: str = "auto
                    method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Validate the arguments of linear_grad_sq_norms; return x, grad_out as (B, T, d) of one dtype."""
     op = "linear_grad_sq_norms"
-    _check_pair(x, grad_out, "x", "grad_out", op)
+    check_pair(x, grad_out, "x", "grad_out", op)
     if x.dim() < 2 or grad_out.dim() < 2:
         raise ValueError(f"{op}: x and grad_out need a batch dim and a feature dim, (B, d) or (B, *, d); "
-                         f"got x {_shape(x)} and grad_out {_shape(grad_out)}")
+                         f"got x {shape_str(x)} and grad_out {shape_str(grad_out)}")
     if x.dim() != grad_out.dim() or x.shape[:-1] != grad_out.shape[:-1]:
-        raise ValueError(f"{op}: x {_shape(x)} and grad_out {_shape(grad_out)} must agree on every dim but the "
-                         "last (batch and sequence dims)")
-    if backend not in ("auto",) + _extension.BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {('auto',) + _extension.BACKENDS}, got {backend!r}")
-    if method not in METHODS:
-        raise ValueError(f"{op}: method must be one of {METHODS}, got {method!r}")
-    if x.dtype != grad_out.dtype:
-        common = torch.promote_types(x.dtype, grad_out.dtype)
-        x, grad_out = x.to(common), grad_out.to(common)
+        raise ValueError(f"{op}: x {shape_str(x)} and grad_out {shape_str(grad_out)} must agree on every dim but "
+                         "the last (batch and sequence dims)")
+    check_backend_and_method(backend, method, op)
+    x, grad_out = promote_pair(x, grad_out)
     # (B, *, d) -> (B, T, d): a view whenever the middle dims allow it; strides go to the kernels.
     if x.dim() == 2:
         x, grad_out = x.unsqueeze(1), grad_out.unsqueeze(1)

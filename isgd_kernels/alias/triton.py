@@ -1,4 +1,4 @@
-"""Triton kernels of the alias-table sampler (numerical contract: isgd_kernels/reference_sampler.py).
+"""Triton kernels of the alias-table sampler (numerical contract: isgd_kernels/alias/reference.py).
 
 Build (PSA, merge-path form). torch computes the scaled weights s, the light/heavy index lists and
 their prefix sums KL (deficits, exclusive) and KH (excesses, inclusive) -- the same code as the
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from isgd_kernels.reference_sampler import alias_index_dtype, alias_prefix, alias_scale
+from isgd_kernels.alias.reference import alias_index_dtype, alias_prefix, alias_scale
 
 _CHUNK = 64
 _SPLIT_BLOCK = 256

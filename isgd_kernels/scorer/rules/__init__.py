@@ -1,0 +1,10 @@
+"""The built-in exact rules, one module per layer family; importing this package registers them all.
+
+| module       | layers                                                         |
+|--------------|----------------------------------------------------------------|
+| linear.py    | nn.Linear                                                      |
+| conv.py      | nn.Conv1d/2d/3d                                                |
+| embedding.py | nn.Embedding                                                   |
+| norm.py      | LayerNorm, RMSNorm, GroupNorm, InstanceNorm, BatchNorm (eval)  |
+"""
+from isgd_kernels.scorer.rules import conv, embedding, linear, norm  # noqa: F401  (each registers itself)

@@ -1,0 +1,41 @@
+"""nn.Conv1d/2d/3d: the conv op on the module's own geometry (kernel, stride, padding, dilation, groups)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from isgd_kernels._checks import accumulation_dtype
+from isgd_kernels.conv_norms import conv_grad_sq_norms_impl, conv_op_args
+from isgd_kernels.scorer.registry import LayerCapture, register_rule
+
+_CONV_RANK = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+
+
+def conv_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> torch.Tensor:
+    """nn.Conv1d/2d/3d: the module's own kernel_size/stride/padding/dilation/groups.
+
+    padding_mode 'reflect'/'replicate'/'circular': the module pads its input with that mode and
+    convolves with padding 0; the rule does the same to the captured input, which is exact.
+    Only the bias trainable: ||sum over positions of delta||^2.
+    """
+    module = cap.module
+    n = _CONV_RANK[type(module)]
+    x = cap.first_input()
+    if x.dim() != n + 2:
+        raise ValueError(f"GradNormScorer: {cap.label} got a {x.dim()}-D input {tuple(x.shape)}; the scorer "
+                         f"needs the batched {n + 2}-D form (B, C, ...); an unbatched input has no batch dim")
+    with_bias = cap.is_trainable("bias")
+    if not cap.is_trainable("weight"):
+        return grad_output.to(accumulation_dtype(grad_output.dtype)).flatten(2).sum(2).square().sum(1)
+    padding = module.padding
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = 0
+    args = conv_op_args(x, grad_output, module.kernel_size, module.stride, padding, module.dilation, module.groups,
+                        backend)
+    return conv_grad_sq_norms_impl(*args, with_bias, backend, "auto")
+
+
+for _cls in _CONV_RANK:
+    register_rule(_cls, conv_rule)

@@ -1,0 +1,162 @@
+"""Normalization layers: LayerNorm, RMSNorm, GroupNorm, InstanceNorm, BatchNorm (running statistics).
+
+The layer is y = x_hat * w + b with x_hat free of w and b, so per example dW = sum over the
+positions that share a parameter element of delta * x_hat and db = sum of delta: a (B, |param|)
+tensor each, never a per-example weight gradient larger than that. x_hat is recomputed from the
+captured input with the layer's own functional (no affine) in the accumulation dtype (float32;
+float64 when the input or grad_output is float64). `backend` is unused: these are pure PyTorch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from isgd_kernels._checks import accumulation_dtype
+from isgd_kernels.scorer.registry import LayerCapture, register_rule
+
+
+def _input_shaped_like(cap: LayerCapture, grad_output: torch.Tensor) -> torch.Tensor:
+    """The captured input, which an elementwise-affine layer must have in the output's shape."""
+    x = cap.first_input()
+    if x.shape != grad_output.shape:
+        raise ValueError(f"GradNormScorer: {cap.label}: input {tuple(x.shape)} and gradient of "
+                         f"output {tuple(grad_output.shape)} differ in shape")
+    return x
+
+
+def _affine_sq_norms(cap: LayerCapture, x_hat: torch.Tensor, delta: torch.Tensor,
+                     reduce_dim: int) -> torch.Tensor:
+    """Per-example ||dW||^2 + ||db||^2 of an elementwise affine y = x_hat * w + b.
+
+    x_hat, delta: 3-D, (B, R, P) with reduce_dim=1 (parameter on the last dims, e.g. LayerNorm) or
+    (B, P, R) with reduce_dim=2 (parameter per channel, e.g. GroupNorm); R indexes the positions that
+    share one parameter element, P the parameter elements (flattened). Same dtype (accumulation).
+    """
+    total = delta.new_zeros(delta.shape[0])
+    if cap.is_trainable("weight"):
+        total += (delta * x_hat).sum(reduce_dim).square().sum(1)
+    if cap.is_trainable("bias"):
+        total += delta.sum(reduce_dim).square().sum(1)
+    return total
+
+
+# ---------------------------------------------------------------------------- LayerNorm / RMSNorm
+
+def _last_dims_rule(cap: LayerCapture, grad_output: torch.Tensor, x_hat_fn) -> torch.Tensor:
+    x = _input_shaped_like(cap, grad_output)
+    shape = tuple(cap.module.normalized_shape)
+    if x.dim() <= len(shape):
+        raise ValueError(
+            f"GradNormScorer: {cap.label} normalizes over the last {len(shape)} dims {shape} of an "
+            f"input {tuple(x.shape)} that has no batch dim outside them, so it mixes examples; feed it "
+            f"(B, ..., {', '.join(map(str, shape))}).")
+    acc = accumulation_dtype(x.dtype, grad_output.dtype)
+    x_hat = x_hat_fn(x.to(acc), list(shape))
+    p = math.prod(shape)
+    batch = x.shape[0]
+    return _affine_sq_norms(cap, x_hat.reshape(batch, -1, p), grad_output.to(acc).reshape(batch, -1, p), 1)
+
+
+def layer_norm_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> torch.Tensor:
+    """nn.LayerNorm: dW_i = sum over the non-normalized positions of delta * x_hat, db_i = sum of delta."""
+    eps = cap.module.eps
+    return _last_dims_rule(cap, grad_output, lambda x, shape: F.layer_norm(x, shape, None, None, eps))
+
+
+def rms_norm_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> torch.Tensor:
+    """nn.RMSNorm: dW_i = sum over the non-normalized positions of delta * x / rms(x).
+
+    eps=None is passed through on the upcast input: PyTorch then uses the epsilon of the op-math type
+    (float32 for fp16/bf16/fp32 inputs, float64 for float64), which is what its forward used.
+    """
+    eps = cap.module.eps
+    return _last_dims_rule(cap, grad_output, lambda x, shape: F.rms_norm(x, shape, None, eps))
+
+
+# ------------------------------------------------------------------ GroupNorm / InstanceNorm / BatchNorm
+
+def _channel_rule(cap: LayerCapture, grad_output: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor,
+                  acc: torch.dtype) -> torch.Tensor:
+    batch, channels = x.shape[0], x.shape[1]
+    return _affine_sq_norms(cap, x_hat.reshape(batch, channels, -1),
+                            grad_output.to(acc).reshape(batch, channels, -1), 2)
+
+
+def _running_stats_x_hat(module: nn.Module, x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    mean = module.running_mean.to(acc).view(view)
+    var = module.running_var.to(acc).view(view)
+    return (x - mean) * torch.rsqrt(var + module.eps)
+
+
+def group_norm_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> torch.Tensor:
+    """nn.GroupNorm: per channel c, dW_i[c] = sum over positions of delta * x_hat, db_i[c] = sum of delta."""
+    x = _input_shaped_like(cap, grad_output)
+    acc = accumulation_dtype(x.dtype, grad_output.dtype)
+    x_hat = F.group_norm(x.to(acc), cap.module.num_groups, None, None, cap.module.eps)
+    return _channel_rule(cap, grad_output, x, x_hat, acc)
+
+
+_INSTANCE_NORM_DIMS = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}
+
+
+def instance_norm_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> torch.Tensor:
+    """nn.InstanceNorm{1,2,3}d, affine: per-channel dW/db as for GroupNorm.
+
+    Both of PyTorch's modes are exact: per-(example, channel) statistics (training mode, or
+    track_running_stats=False) and running statistics (eval mode with track_running_stats=True).
+    """
+    module = cap.module
+    x = _input_shaped_like(cap, grad_output)
+    want = _INSTANCE_NORM_DIMS[type(module)]
+    if x.dim() != want:
+        raise ValueError(
+            f"GradNormScorer: {cap.label} got a {x.dim()}-D input {tuple(x.shape)}; the scorer "
+            f"needs the batched {want}-D form (B, C, ...): an unbatched input has no batch dim.")
+    acc = accumulation_dtype(x.dtype, grad_output.dtype)
+    if module.training or not module.track_running_stats:
+        x_hat = F.instance_norm(x.to(acc), None, None, None, None, True, 0.0, module.eps)
+    else:
+        x_hat = _running_stats_x_hat(module, x.to(acc), acc)
+    return _channel_rule(cap, grad_output, x, x_hat, acc)
+
+
+def batch_norm_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> torch.Tensor:
+    """nn.BatchNorm{1,2,3}d with running statistics: x_hat = (x - running_mean) / sqrt(running_var + eps),
+    per-channel dW/db as for GroupNorm. Batch statistics mix examples and are refused."""
+    module = cap.module
+    if module.running_mean is None or module.running_var is None:
+        raise ValueError(
+            f"GradNormScorer: {cap.label} has track_running_stats=False, so it normalizes with "
+            "batch statistics even in eval mode: every example's output depends on the whole batch and "
+            "per-example gradients are not defined. Use track_running_stats=True and score in eval mode, or "
+            "replace it with GroupNorm/LayerNorm.")
+    if module.training:
+        raise ValueError(
+            f"GradNormScorer: {cap.label} is in training mode, where it normalizes with batch "
+            "statistics and so mixes examples: per-example gradients are not defined. Score in eval mode "
+            "(running statistics), or replace it with GroupNorm/LayerNorm.")
+    x = _input_shaped_like(cap, grad_output)
+    if x.dim() < 2:
+        raise ValueError(f"GradNormScorer: {cap.label} needs a batched input (B, C, ...), got "
+                         f"{tuple(x.shape)}")
+    acc = accumulation_dtype(x.dtype, grad_output.dtype)
+    return _channel_rule(cap, grad_output, x, _running_stats_x_hat(module, x.to(acc), acc), acc)
+
+
+def _register_all() -> None:
+    register_rule(nn.LayerNorm, layer_norm_rule)
+    if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+        register_rule(nn.RMSNorm, rms_norm_rule)
+    register_rule(nn.GroupNorm, group_norm_rule)
+    for cls in _INSTANCE_NORM_DIMS:
+        register_rule(cls, instance_norm_rule)
+    # SyncBatchNorm in eval mode is a plain BatchNorm on running statistics.
+    for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
+        register_rule(cls, batch_norm_rule)
+
+
+_register_all()

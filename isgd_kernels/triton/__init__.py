@@ -1,1 +1,0 @@
-"""Triton kernels. Importing this package requires Triton; isgd_kernels imports it lazily."""
