@@ -2,7 +2,7 @@
 
     import isgd_kernels
     sq = isgd_kernels.linear_grad_sq_norms(x, grad_out)             # one layer, (B,)
-    norms = isgd_kernels.per_example_grad_norms(model, loss_fn, inputs, targets)  # whole model, (B,)
+    norms = isgd_kernels.per_example_grad_norms(model, inputs, targets, loss_fn)  # whole model, (B,)
 
 The package is one directory per op family (linear_norms, conv_norms, alias), each with its public
 op, its Triton kernels and its pure-torch reference, and the scorer on top of them; see

@@ -113,16 +113,19 @@ class GradNormScorer:
         """Per-example gradient norms, shape (B,), float32 (float64 for a float64 model).
 
         Args:
-            inputs: the model's input tensor (B, ...), or a tuple/list of positional inputs.
+            inputs: the model's input tensor (B, ...), or a tuple/list of positional inputs whose first
+                element is the batched tensor.
             targets: passed to `loss_fn` as is.
             loss_fn: `loss_fn(outputs, targets)` -> per-example losses of shape (B,)
                 (e.g. ``nn.CrossEntropyLoss(reduction="none")``).
             return_losses: also return the per-example losses (detached).
+
+        The loss function may also come first, ``norms(loss_fn, inputs, targets)`` (the order of
+        ``per_example_grad_norms`` before 0.2): inputs are never callable, so the two orders cannot be
+        confused.
         """
+        inputs, targets, loss_fn = _canonical_order(inputs, targets, loss_fn, "GradNormScorer.norms")
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() == 0:
-            raise ValueError("GradNormScorer.norms: inputs must be a batched tensor (B, ...) or a tuple whose "
-                             "first element is one")
         batch = args[0].shape[0]
         # Planned anew each pass (requires_grad may have changed); `layers` shows what the pass holds.
         captures = self.layers = self._plan()
@@ -225,8 +228,26 @@ class _NormTotal:
         return self.sum.to(dtype)
 
 
-def per_example_grad_norms(model: nn.Module, loss_fn: LossFn, inputs, targets, *, backend: str = "auto",
+def per_example_grad_norms(model: nn.Module, inputs, targets, loss_fn: LossFn, *, backend: str = "auto",
                            eval_mode: bool = True) -> torch.Tensor:
-    """||grad_theta l_i|| for each example, shape (B,). See GradNormScorer."""
+    """||grad_theta l_i|| for each example, shape (B,): ``GradNormScorer(model).norms(inputs, targets, loss_fn)``.
+
+    The arguments come in the order of ``GradNormScorer.norms``; the earlier order
+    ``(model, loss_fn, inputs, targets)`` is still accepted (inputs are never callable)."""
+    inputs, targets, loss_fn = _canonical_order(inputs, targets, loss_fn, "per_example_grad_norms")
     return GradNormScorer(model, eval_mode=eval_mode, backend=backend).norms(inputs, targets, loss_fn)
 
+
+def _canonical_order(inputs, targets, loss_fn, where: str):
+    """(inputs, targets, loss_fn), also from the loss-first order (loss_fn, inputs, targets); checks types."""
+    if not callable(loss_fn) and callable(inputs) and not isinstance(inputs, torch.Tensor):
+        inputs, targets, loss_fn = targets, loss_fn, inputs
+    if not callable(loss_fn) or isinstance(loss_fn, torch.Tensor):
+        raise TypeError(f"{where}: loss_fn must be callable, loss_fn(outputs, targets) -> per-example losses (B,), "
+                        f"got {type(loss_fn).__name__}. Pass (inputs, targets, loss_fn).")
+    first = inputs[0] if isinstance(inputs, (tuple, list)) and inputs else inputs
+    if not isinstance(first, torch.Tensor) or first.dim() == 0:
+        got = type(first).__name__ if not isinstance(first, torch.Tensor) else "a 0-d tensor"
+        raise TypeError(f"{where}: inputs must be a batched tensor (B, ...) or a tuple/list whose first element is "
+                        f"one, got {got}")
+    return inputs, targets, loss_fn

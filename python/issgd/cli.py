@@ -6,8 +6,12 @@ import logging
 import sys
 from pathlib import Path
 
+from isgd_kernels import BACKENDS
 from issgd.data import DATASETS
 from issgd.models import MODELS
+
+BACKEND_CHOICES = ("auto",) + BACKENDS
+DEVICE_CHOICES = ("cpu", "cuda")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -20,24 +24,34 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _add_train(sub) -> None:
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default, except the None of an option that is simply unset."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_train(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train with importance-sampled SGD (and/or uniform SGD), with the paper's "
-                                     "variance diagnostics", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     "variance diagnostics", formatter_class=_HelpFormatter)
     g = p.add_argument_group("algorithm")
     g.add_argument("--mode", choices=("issgd", "usgd", "both"), default="issgd",
                    help="importance-sampled SGD, uniform SGD, or both one after the other with a comparison")
     g.add_argument("--steps", type=int, default=2000, help="master steps (SGD updates)")
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--lr", type=float, default=0.01)
+    g.add_argument("--batch-size", type=int, default=128, help="examples per master step (drawn with replacement)")
+    g.add_argument("--lr", type=float, default=0.01, help="learning rate")
     g.add_argument("--momentum", type=float, default=0.95, help="Nesterov momentum (0: plain SGD)")
     g.add_argument("--smoothing", type=float, default=0.1, help="c in the proposal w_i = ||g_i|| + c")
     g.add_argument("--refresh-every", type=int, default=32,
                    help="K: master steps between weight refreshes and parameter pushes")
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", choices=DATASETS, default="digits")
+    g.add_argument("--dataset", choices=DATASETS, default="digits",
+                   help="digits is bundled with scikit-learn; mnist and svhn read the official files from --data-dir")
     g.add_argument("--data-dir", help="folder with the official mnist / svhn files")
-    g.add_argument("--model", choices=MODELS, default="mlp")
-    g.add_argument("--hidden", type=_int_list, default=(256, 256), help="MLP hidden widths")
+    g.add_argument("--model", choices=MODELS, default="mlp", help="a flattened MLP or a 3-layer CNN on images")
+    g.add_argument("--hidden", type=_int_list, default="256,256", help="MLP hidden widths, comma-separated")
     g = p.add_argument_group("scoring")
     g.add_argument("--workers", type=int, default=0,
                    help="scoring worker processes to spawn (0: score inline); ignored under torchrun, where "
@@ -45,7 +59,7 @@ def _add_train(sub) -> None:
     g.add_argument("--chunk-size", type=int, default=2048, help="examples a scorer scores per chunk")
     g.add_argument("--worker-threads", type=int, default=1, help="CPU threads per scoring worker")
     g.add_argument("--master-threads", type=int, default=None,
-                   help="CPU threads of the master (default: torch's, or the cores the workers leave free)")
+                   help="CPU threads of the master (unset: torch's, or the cores the workers leave free)")
     g.add_argument("--worker-timeout", type=float, default=60.0,
                    help="seconds without norms for the latest parameters before a worker is reported as silent")
     g = p.add_argument_group("diagnostics, checkpoints, output")
@@ -53,23 +67,25 @@ def _add_train(sub) -> None:
     g.add_argument("--diag-examples", type=int, default=10000,
                    help="diagnostics use the whole training set up to this size, else a fixed random subset")
     g.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: none)")
-    g.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from a checkpoint (default: OUT/checkpoint.pt)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                   help="continue from a checkpoint (without PATH: OUT/checkpoint.pt)")
     g.add_argument("--out", default="runs/issgd", help="output folder (metrics.jsonl, plots, summary)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g.add_argument("--backend", default="auto", help="kernel backend: auto|triton|cuda|cpu|torch")
+    g.add_argument("--seed", type=int, default=0, help="seed of the data split, initial parameters and draws")
+    g.add_argument("--device", choices=DEVICE_CHOICES, default="cpu", help="where the master trains")
+    g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="kernel backend of the scorer")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("-v", "--verbose", action="store_true")
+    g.add_argument("-v", "--verbose", action="store_true", help="log workers and refreshes")
+    return p
 
 
-def _add_plot(sub) -> None:
+def _add_plot(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="plot the metrics of finished runs")
     p.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files) written by `issgd train`")
     p.add_argument("--out", default="runs/plot.png", help="PNG file to write")
+    return p
 
 
-def _add_demo(sub) -> None:
+def _add_demo(sub) -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="score per-example gradient norms on the digits data set and "
                                        "benchmark the scorer against a training step")
     demo.add_argument("--epochs", type=int, default=6, help="uniform-SGD epochs to train (default: 6)")
@@ -78,36 +94,40 @@ def _add_demo(sub) -> None:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="runs/demo", help="folder for the plot and the JSON summary")
     demo.add_argument("--no-bench", action="store_true", help="skip the microbenchmark table")
-    demo.add_argument("--backend", default="auto", help="kernel backend: auto|triton|cuda|cpu|torch")
-    demo.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    demo.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                      help="kernel backend of the scorer (default: auto)")
+    demo.add_argument("--device", choices=DEVICE_CHOICES, default="cpu", help="cpu or cuda (default: cpu)")
+    return demo
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="issgd", description="Importance-sampled SGD with isgd_kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
-    _add_plot(sub)
-    _add_demo(sub)
+    parser.set_defaults(subparsers={"train": _add_train(sub), "plot": _add_plot(sub), "demo": _add_demo(sub)})
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    command = args.subparsers[args.command]  # errors print the subcommand's usage, not the top level's
     if args.command == "train":
-        sys.exit(_train(parser, args))
+        sys.exit(_train(command, args))
     if args.command == "plot":
-        sys.exit(_plot(parser, args))
+        sys.exit(_plot(command, args))
     from issgd.demo import run_demo
 
-    if args.epochs < 0 or args.batch_size < 1 or args.lr <= 0:
-        parser.error("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
+    for flag, ok, rule in (("--epochs", args.epochs >= 0, ">= 0"), ("--batch-size", args.batch_size >= 1, ">= 1"),
+                           ("--lr", args.lr > 0, "> 0")):
+        if not ok:
+            command.error(f"argument {flag}: must be {rule}")
     sys.exit(run_demo(args))
 
 
 def _train(parser: argparse.ArgumentParser, args) -> int:
     from issgd.compare import run_comparison
     from issgd.distributed import launched_by_torchrun, run_worker
+    from issgd.config import ConfigError
     from issgd.trainer import TrainConfig, Trainer
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -119,8 +139,8 @@ def _train(parser: argparse.ArgumentParser, args) -> int:
     try:
         config = TrainConfig(mode="issgd" if args.mode == "both" else args.mode, progress=not args.no_progress,
                              **values).validate()
-    except ValueError as exc:
-        parser.error(str(exc).replace("refresh-every", "--refresh-every"))
+    except ConfigError as exc:
+        parser.error(f"argument --{exc.field.replace('_', '-')}: {str(exc).split(' ', 1)[1]}")
     if args.mode == "both" and args.resume:
         parser.error("--resume continues one run: resume OUT/issgd or OUT/usgd with --mode issgd|usgd")
     if launched_by_torchrun():

@@ -36,16 +36,29 @@ class TrainConfig:
     slow_workers: tuple[tuple[int, float], ...] = field(default=())  # (rank, seconds per chunk): fault tests
 
     def validate(self) -> TrainConfig:
-        checks = [(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
-                  (self.steps >= 0, "steps must be >= 0"), (self.batch_size >= 1, "batch size must be >= 1"),
-                  (self.lr > 0, "lr must be > 0"), (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
-                  (self.smoothing >= 0, "smoothing must be >= 0"), (self.refresh_every >= 1, "refresh-every must be >= 1"),
-                  (self.workers >= 0, "workers must be >= 0"), (self.chunk_size >= 1, "chunk size must be >= 1"),
-                  (self.diag_every >= 0, "diag-every must be >= 0"), (self.diag_examples >= 1, "diag-examples must be >= 1"),
-                  (self.checkpoint_every >= 0, "checkpoint-every must be >= 0"),
-                  (self.worker_threads >= 1, "worker threads must be >= 1"),
-                  (self.master_threads is None or self.master_threads >= 1, "master threads must be >= 1")]
-        for ok, message in checks:
+        """Raises ConfigError naming the first field out of range."""
+        checks = [("mode", self.mode in MODES, f"must be one of {MODES}, got {self.mode!r}"),
+                  ("steps", self.steps >= 0, "must be >= 0"), ("batch_size", self.batch_size >= 1, "must be >= 1"),
+                  ("lr", self.lr > 0, "must be > 0"), ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
+                  ("smoothing", self.smoothing >= 0, "must be >= 0"),
+                  ("refresh_every", self.refresh_every >= 1, "must be >= 1"),
+                  ("workers", self.workers >= 0, "must be >= 0"), ("chunk_size", self.chunk_size >= 1, "must be >= 1"),
+                  ("diag_every", self.diag_every >= 0, "must be >= 0"),
+                  ("diag_examples", self.diag_examples >= 1, "must be >= 1"),
+                  ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
+                  ("worker_threads", self.worker_threads >= 1, "must be >= 1"),
+                  ("master_threads", self.master_threads is None or self.master_threads >= 1, "must be >= 1"),
+                  ("worker_timeout", self.worker_timeout > 0, "must be > 0")]
+        for name, ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(name, f"{name} {message}, got {getattr(self, name)!r}"
+                                  if "got" not in message else f"{name} {message}")
         return self
+
+
+class ConfigError(ValueError):
+    """A TrainConfig field out of range; `field` names it (the CLI turns it into its --flag)."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(message)
+        self.field = field_name

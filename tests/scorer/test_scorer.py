@@ -315,3 +315,28 @@ def test_scoring_inside_inference_mode():
         got = per_example_grad_norms(model, xent, x_inf, y)
     assert x_inf.is_inference()
     assert_close_rel(got, expected, 1e-10)
+
+
+def test_both_argument_orders_and_keywords_give_the_same_norms():
+    """scorer.norms(inputs, targets, loss_fn) and per_example_grad_norms(model, inputs, targets, loss_fn) take one
+    order; the earlier loss-first order is still understood (inputs are never callable)."""
+    torch.manual_seed(11)
+    model = mlp()
+    x, y = torch.randn(5, 23, dtype=torch.float64), torch.randint(0, 5, (5,))
+    expected = vmap_norms(model, xent, x, y)
+    scorer = GradNormScorer(model)
+    for got in (scorer.norms(x, y, xent), scorer.norms(xent, x, y), scorer(inputs=x, targets=y, loss_fn=xent),
+                per_example_grad_norms(model, x, y, xent), per_example_grad_norms(model, xent, x, y),
+                per_example_grad_norms(model, inputs=x, targets=y, loss_fn=xent)):
+        assert_close_rel(got, expected, 1e-10)
+
+
+def test_argument_types_are_checked_up_front():
+    model = mlp()
+    x, y = torch.randn(5, 23), torch.randint(0, 5, (5,))
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        per_example_grad_norms(model, x, y, "cross_entropy")
+    with pytest.raises(TypeError, match="inputs must be a batched tensor.*got list"):
+        GradNormScorer(model).norms([[1.0] * 23], y, xent)
+    with pytest.raises(TypeError, match="inputs must be a batched tensor.*0-d"):
+        GradNormScorer(model).norms(torch.tensor(1.0), y, xent)

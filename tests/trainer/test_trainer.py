@@ -247,8 +247,12 @@ def test_cli_runs_a_comparison_and_writes_metrics_and_plots(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "-1"], "steps must be >= 0"),
-    (["--refresh-every", "0"], "--refresh-every must be >= 1"),
+    (["--steps", "-1"], "issgd train: error: argument --steps: must be >= 0, got -1"),
+    (["--refresh-every", "0"], "argument --refresh-every: must be >= 1, got 0"),
+    (["--lr", "0"], "argument --lr: must be > 0, got 0.0"),
+    (["--smoothing", "-1"], "argument --smoothing: must be >= 0, got -1.0"),
+    (["--backend", "bogus"], "argument --backend: invalid choice: 'bogus'"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     (["--hidden", "64,x"], "comma-separated integers"),
     (["--dataset", "imagenet"], "invalid choice"),
     (["--mode", "both", "--resume"], "--resume continues one run"),
