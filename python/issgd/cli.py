@@ -172,31 +172,31 @@ def _train(parser: argparse.ArgumentParser, args) -> int:
 
 
 def _plot(parser: argparse.ArgumentParser, args) -> int:
-    from issgd.report import plot_runs, read_metrics
+    from issgd.report import plot_runs, read_metrics, run_folders
 
     runs = {}
-    for run in args.runs:
+    for run in (folder for given in args.runs for folder in run_folders(given)):
         try:
             records = read_metrics(run)
         except FileNotFoundError as exc:
             parser.error(str(exc))
         if not records:
-            parser.error(f"{run}: no records yet")
-        mode = json_mode(run)
+            parser.error(f"{run}: no diagnostics records (still starting, or trained with --diag-every 0)")
+        mode = run_label(run)
         runs[mode if mode not in runs else str(run)] = records
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     print(f"wrote {plot_runs(runs, args.out)}")
     return 0
 
 
-def json_mode(run: str) -> str:
-    """The mode a run folder was trained with (from its summary.json), else the folder name."""
+def run_label(run: Path) -> str:
+    """The mode a run folder was trained with (from its summary.json), else the folder's name."""
     import json
 
-    summary = Path(run) / "summary.json"
+    summary = run / "summary.json"
     if summary.exists():
-        return json.loads(summary.read_text()).get("config", {}).get("mode", Path(run).name)
-    return Path(run).name
+        return json.loads(summary.read_text()).get("config", {}).get("mode", run.name)
+    return run.name
 
 
 if __name__ == "__main__":

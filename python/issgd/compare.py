@@ -1,12 +1,11 @@
 """ISSGD against uniform SGD: the same job run twice, then one table and one figure."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
 
-from issgd.report import comparison, plot_runs, table
+from issgd.report import comparison, fmt, plot_runs, table, to_json, workers_phrase
 from issgd.trainer import TrainConfig, Trainer
 
 
@@ -31,31 +30,38 @@ def run_comparison(config: TrainConfig) -> dict:
         summaries[mode] = trainer.run()
         runs[mode] = trainer.records
     result = {"runs": summaries, "comparison": comparison(runs, summaries["issgd"])}
-    (out / "summary.json").write_text(json.dumps(result, indent=1))
+    (out / "summary.json").write_text(to_json(result, indent=1))
     text = table(summaries) + "\n\n" + comparison_text(result["comparison"], summaries)
     (out / "summary.md").write_text(text + "\n")
-    plot_runs(runs, out / "compare.png", title=f"ISSGD vs uniform SGD on {config.dataset} ({config.model}, "
-                                               f"{config.workers} scoring workers, c = {config.smoothing})")
+    if any(runs.values()):  # --diag-every 0 leaves nothing to plot
+        plot_runs(runs, out / "compare.png", title=f"ISSGD vs uniform SGD on {config.dataset} ({config.model}, "
+                                                   f"{workers_phrase(config.workers)}, c = {config.smoothing})")
     result["text"] = text
     return result
 
 
 def comparison_text(c: dict, summaries: dict) -> str:
-    lines = [f"- mean √TrΣ, actual ISSGD / uniform along the ISSGD run: {c['issgd_mean_ratio_actual_to_uniform']:.3f}",
-             f"- mean √TrΣ, ideal ISSGD / uniform along the ISSGD run: {c['issgd_mean_ratio_ideal_to_uniform']:.3f}"]
-    if c["issgd_steps_to_usgd_final_loss"] is None:
+    lines = [f"- mean √TrΣ, actual ISSGD / uniform along the ISSGD run: {fmt(c['issgd_mean_ratio_actual_to_uniform'], '.3f')}",
+             f"- mean √TrΣ, ideal ISSGD / uniform along the ISSGD run: {fmt(c['issgd_mean_ratio_ideal_to_uniform'], '.3f')}"]
+    if c["usgd_final_train_loss"] is None:
+        lines.append("- no diagnostics (--diag-every 0): no loss comparison")
+    elif c["issgd_steps_to_usgd_final_loss"] is None:
         lines.append(f"- ISSGD did not reach uniform SGD's final training loss ({c['usgd_final_train_loss']:.4f}) "
                      f"within {c['usgd_steps']} steps")
     else:
         lines.append(f"- ISSGD reached uniform SGD's final training loss ({c['usgd_final_train_loss']:.4f}) at step "
                      f"{c['issgd_steps_to_usgd_final_loss']} of {c['usgd_steps']}: {c['steps_ratio']:.2f}x the steps")
     s = summaries["issgd"]
+    if s.get("workers") and c["usgd_final_train_loss"] is not None:
+        lines.append("  (scoring workers run asynchronously, so the weights, and with them this figure, differ "
+                     "between runs of the same seed; `--workers 0` runs are bit-reproducible)")
     if s.get("scoring_examples_per_second"):
-        lines.append(f"- scoring: {s['workers']} workers scored {s['scored_examples']} examples "
+        lines.append(f"- scoring: {workers_phrase(s['workers'])} scored {s['scored_examples']} examples "
                      f"({s['scoring_examples_per_second']:.0f}/s of training time, "
                      f"{s['scoring_examples_per_worker_second']:.0f}/s per busy worker); master sync time "
-                     f"{s['sync_seconds']:.2f} s; mean staleness {s['mean_staleness']:.1f} steps")
-    lines.append(f"- master throughput: ISSGD {s['steps_per_second']:.0f} steps/s, uniform SGD "
-                 f"{summaries['usgd']['steps_per_second']:.0f} steps/s (ratio "
-                 f"{s['steps_per_second'] / summaries['usgd']['steps_per_second']:.2f})")
+                     f"{s['sync_seconds']:.2f} s; mean staleness {fmt(s['mean_staleness'], '.1f')} steps")
+    issgd_rate, usgd_rate = s["steps_per_second"], summaries["usgd"]["steps_per_second"]
+    ratio = issgd_rate / usgd_rate if issgd_rate and usgd_rate else None
+    lines.append(f"- master throughput: ISSGD {fmt(issgd_rate, '.0f')} steps/s, uniform SGD {fmt(usgd_rate, '.0f')} "
+                 f"steps/s (ratio {fmt(ratio, '.2f')})")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from issgd.config import TrainConfig
 from issgd.diagnostics import loss_and_error, variance_diagnostics
 from issgd.distributed import ScoringPool, launched_by_torchrun
 from issgd.job import build_job
+from issgd.report import to_json
 from issgd.scoring import XENT, ChunkCursor, ScoreBoard
 
 __all__ = ["TrainConfig", "Trainer"]
@@ -106,7 +107,7 @@ class Trainer:
             if self.pool is not None:
                 self.pool.close()
         summary = self.summary()
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        (self.out / "summary.json").write_text(to_json(summary, indent=1))
         return summary
 
     def _train_step(self) -> None:
@@ -173,7 +174,7 @@ class Trainer:
                                      "lower --lr or raise --smoothing")
         self.records.append(rec)
         with open(self.out / METRICS, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(to_json(rec) + "\n")
         return rec
 
     def summary(self) -> dict:
@@ -181,7 +182,7 @@ class Trainer:
         recs = [r for r in self.records if r["step"] > 0] or self.records
         last = self.records[-1] if self.records else {}
         out = {"config": asdict(cfg), "steps": self.step, "train_seconds": self.seconds,
-               "steps_per_second": self.step / self.seconds if self.seconds else float("nan"),
+               "steps_per_second": self.step / self.seconds if self.seconds else None,
                "final": last, "mean_sqrt_tr_uniform": _mean(r.get("sqrt_tr_uniform") for r in recs),
                "mean_ratio_ideal_to_uniform": _mean(_ratio(r, "sqrt_tr_ideal") for r in recs),
                "mean_ratio_actual_to_uniform": _mean(_ratio(r, "sqrt_tr_actual") for r in recs),
@@ -232,7 +233,7 @@ class Trainer:
             # The table is a pure function of the weights: rebuild it exactly as it was.
             self.table = isgd_kernels.AliasTable(self.board.weights().to(self.device), backend=self.config.backend)
         with open(self.out / METRICS, "w") as f:  # drop what was logged after the checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in self.records)
+            f.writelines(to_json(r) + "\n" for r in self.records)
         log.info("resumed from %s at step %d", path, self.step)
 
 
@@ -240,10 +241,10 @@ def _ratio(record: dict, key: str) -> float | None:
     return record[key] / record["sqrt_tr_uniform"] if key in record and record["sqrt_tr_uniform"] > 0 else None
 
 
-def _mean(values) -> float:
-    """Mean of the finite values (NaN when there are none)."""
+def _mean(values) -> float | None:
+    """Mean of the finite values (None when there are none)."""
     kept = [v for v in values if v is not None and _finite(v)]
-    return sum(kept) / len(kept) if kept else float("nan")
+    return sum(kept) / len(kept) if kept else None
 
 
 def _finite(x: float) -> bool:
