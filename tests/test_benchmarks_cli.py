@@ -24,6 +24,7 @@ def folders(tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "RESULTS_DIR", tmp_path / "results")
     monkeypatch.setattr(harness, "SCRATCH_DIR", tmp_path / "runs", raising=False)
     monkeypatch.setattr(norms, "linear_shapes", lambda device, quick: [(2, 4, 8, 8)])
+    monkeypatch.setattr(norms, "measure", lambda fn, device: measure(fn, device, min_time=0.0, min_reps=1))
     return tmp_path
 
 
@@ -76,3 +77,24 @@ def test_measure_side_by_side_gives_ratios_to_the_reference():
                                min_time=0.0, min_rounds=3, max_rounds=3, warmup=True)
     assert calls == {"a": 4, "b": 4}  # one warm-up call each, then one per round
     assert out["a"]["ratio"] == 1.0 and out["b"]["ratio"] > 0
+
+
+def test_demo_microbenchmarks_time_with_the_shared_timer(monkeypatch):
+    from issgd import demo, timing
+    from issgd.models import mlp
+
+    used = []
+
+    def quick_side_by_side(fns, device, **kwargs):
+        used.append(sorted(fns))
+        return timing.measure_side_by_side(fns, device, **{**kwargs, "min_time": 0.0, "min_rounds": 1})
+
+    monkeypatch.setattr(demo, "measure_side_by_side", quick_side_by_side)
+    monkeypatch.setattr(demo, "paper_mlp", lambda: mlp(3072, [16], 10))  # a small stand-in
+    torch.manual_seed(0)
+    rows = demo.microbenchmarks(CPU, "auto", torch.randn(64, 64), torch.randint(0, 10, (64,)))
+    assert len(used) == 2 and len(rows) == 4 + 2
+    for _model, _batch, provider, ms, ratio in rows:
+        assert ms > 0 and ratio > 0
+        if provider == demo.STEP:
+            assert ratio == 1.0
