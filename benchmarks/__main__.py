@@ -1,14 +1,20 @@
-"""Run the benchmark groups and write benchmarks/results/<device>/.
+"""Run the benchmark groups and write their tables (CSV, JSON, Markdown, PNG).
 
-    python -m benchmarks [--device cpu|cuda] [--quick] [--only field,conv,scorer,linear,sampler]
+    python -m benchmarks [--device cpu|cuda] [--quick] [--only field,conv,scorer,linear,sampler,trainer]
+                         [--out DIR | --publish]
+
+Results go to runs/benchmarks/<device>/ (gitignored scratch) by default, or to --out DIR. Only
+--publish writes the committed benchmarks/results/<device>/ that the READMEs quote (a full run: not
+with --quick).
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
-from benchmarks import field, norms, sampler_report, trainer_report
+from benchmarks import field, harness, norms, sampler_report, trainer_report
 
 GROUPS = {
     "field": (field.run, field.report),
@@ -20,25 +26,42 @@ GROUPS = {
 }
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=harness.default_device().type)
     parser.add_argument("--quick", action="store_true", help="fewer and smaller workloads")
     parser.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated subset of {list(GROUPS)}")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=None,
+                       help="folder to write the tables to (default: runs/benchmarks/<device>/, gitignored)")
+    where.add_argument("--publish", action="store_true",
+                       help="write the committed results, benchmarks/results/<device>/ (not with --quick)")
     args = parser.parse_args(argv)
-    groups = [g.strip() for g in args.only.split(",") if g.strip()]
-    unknown = set(groups) - set(GROUPS)
+    args.groups = [g.strip() for g in args.only.split(",") if g.strip()]
+    unknown = set(args.groups) - set(GROUPS)
     if unknown:
         parser.error(f"--only: unknown group(s) {sorted(unknown)}; choose from {list(GROUPS)}")
+    if args.publish and args.quick:
+        parser.error("--publish: --quick runs fewer and smaller cases and would drop rows of the committed "
+                     "results; publish a full run, or give --out DIR")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     device = torch.device(args.device)
-    for group in groups:
+    out_dir = harness.output_dir(device, out=args.out, publish=args.publish)
+    kind = "committed results" if harness.is_published(out_dir) else "scratch; --publish writes the committed results"
+    print(f"results go to {out_dir} ({kind})", flush=True)
+    for group in args.groups:
         run, report = GROUPS[group]
         print(f"[{group}] on {device}", flush=True)
-        out = report(run(device, quick=args.quick), device)
-        print(f"[{group}] results in {out}", flush=True)
+        report(run(device, quick=args.quick), device, out_dir)
+        print(f"[{group}] results in {out_dir}", flush=True)
+    print(f"results written to {out_dir} ({kind})", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,60 +1,48 @@
-"""pytest-benchmark: alias-table build and draws vs torch.multinomial / searchsorted
-(`pytest benchmarks/bench_sampler.py --benchmark-only`). N = 1e8 runs on CUDA only."""
+"""pytest-benchmark: the `sampler` group's methods (alias table vs torch.multinomial,
+WeightedRandomSampler, numpy, searchsorted on a CDF) on its sizes
+(`pytest benchmarks/bench_sampler.py --benchmark-only`). N = 1e8 runs on CUDA only.
+The ISSGD-schedule cost and the targets: `python -m benchmarks --only sampler`."""
+import functools
+
 import pytest
-import torch
 
-from isgd_kernels import AliasTable
+from benchmarks.harness import default_device, synced
+from benchmarks.sampler_report import BATCH, BIG_DRAW, METHODS, Method, is_slow, skip_reason
+from benchmarks.workloads import sampler_sizes, sampler_weights
 
-SIZES = [10**5, 10**6, 10**7, pytest.param(10**8, marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="N = 1e8 is a GPU-only size"))]
-
-
-def _weights(n, device):
-    g = torch.Generator().manual_seed(0)
-    return (torch.rand(n, generator=g) ** 4 + 0.01).to(device)
+DEVICE = default_device()
+SIZES = sampler_sizes(DEVICE, quick=False)
+# (method, with importance weights): the alias table's draws with and without them.
+DRAWS = [pytest.param(m, m == "alias+weights", id=m) for m in ["alias", "alias+weights", *METHODS[1:]]]
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+@functools.cache
+def _weights(n):
+    return sampler_weights(n, DEVICE)
 
 
 @pytest.mark.parametrize("n", SIZES)
-def test_alias_build(benchmark, device, n):
-    w = _weights(n, device)
-    table = AliasTable(w)
-
-    def run():
-        table.rebuild_(w)
-        _sync(device)
-
-    benchmark(run)
+def test_alias_build(benchmark, n):
+    m = Method("alias", DEVICE)
+    m.build(_weights(n))
+    benchmark(synced(lambda: m.build(_weights(n), in_place=True), DEVICE))
     benchmark.extra_info.update(N=n, what="in-place rebuild")
 
 
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("draws", [128, 10**6])
-@pytest.mark.parametrize("method", ["alias", "alias_with_weights", "multinomial", "searchsorted_cdf"])
-def test_draw(benchmark, device, n, draws, method):
-    if method == "multinomial" and (n > 2**24 or (n >= 10**7 and draws > 128)):
-        pytest.skip("torch.multinomial: at most 2^24 categories; 1e6 draws at N=1e7 take too long here")
-    w = _weights(n, device)
-    g = torch.Generator(device=device).manual_seed(0)
-    if method.startswith("alias"):
-        table = AliasTable(w)
-        fn = (lambda: table.sample_with_weights(draws, generator=g)) if method == "alias_with_weights" else (
-            lambda: table.sample(draws, generator=g))
-    elif method == "multinomial":
-        fn = lambda: torch.multinomial(w, draws, replacement=True, generator=g)  # noqa: E731
+@pytest.mark.parametrize("draws", [BATCH, BIG_DRAW])
+@pytest.mark.parametrize(("method", "with_weights"), DRAWS)
+def test_draw(benchmark, n, draws, method, with_weights):
+    name = method.split("+")[0]
+    reason = skip_reason(name, n, DEVICE)
+    if reason:
+        pytest.skip(reason)
+    m = Method(name, DEVICE)
+    state = m.build(_weights(n))
+    run = synced(lambda: m.draw(state, draws, with_weights=with_weights), DEVICE)
+    if draws == BIG_DRAW and is_slow(name, n):  # seconds per call: one round
+        out = benchmark.pedantic(run, rounds=1, iterations=1)
     else:
-        cdf = torch.cumsum(w.double(), 0)
-        fn = lambda: torch.searchsorted(  # noqa: E731
-            cdf, torch.rand(draws, dtype=torch.float64, device=device, generator=g) * cdf[-1:], right=True)
-
-    def run():
-        out = fn()
-        _sync(device)
-        return out
-
-    benchmark(run)
+        out = benchmark(run)
+    assert len(out[0] if with_weights else out) == draws
     benchmark.extra_info.update(N=n, draws=draws, method=method)

@@ -1,61 +1,39 @@
-"""pytest-benchmark: the model scorer vs a training step vs naive autograd on the paper's MLP.
+"""pytest-benchmark: the `scorer` group (GradNormScorer vs a training step vs naive autograd) on its
+quick workloads (`pytest benchmarks/bench_scorer.py --benchmark-only`).
 
-The naive providers (vmap(grad), per-example loop) run on the first 32 examples only: their cost
-is per example, and the full batch would take minutes. `python -m benchmarks` reports scaled ratios.
+The naive providers (vmap(grad), per-example loop) run on the first few examples only, one round:
+their cost is per example, and the full batch would take minutes. `python -m benchmarks --only
+scorer` reports ratios to the step, scaled to the batch.
 """
-import copy
+import functools
 
 import pytest
-import torch
 
-import isgd_kernels
-from benchmarks.norms import XENT, loop_norms, vmap_norms
-from benchmarks.workloads import TokenMLP, paper_mlp
+from benchmarks.harness import default_device, synced
+from benchmarks.norms import SCORER_CHECKED, scorer_correct
+from benchmarks.providers import NAIVE, SCORER_PROVIDERS, STEP, reference_norms, scorer_providers
+from benchmarks.workloads import scorer_workloads
 
-
-def workload(name, device):
-    torch.manual_seed(0)
-    if name == "paper_mlp":
-        return paper_mlp().to(device), torch.randn(512, 3072, device=device), torch.randint(0, 10, (512,), device=device)
-    return TokenMLP().to(device), torch.randn(32, 128, 64, device=device), torch.randint(0, 10, (32,), device=device)
+DEVICE = default_device()
+WORKLOADS = {case.workload.name: case for case in scorer_workloads(DEVICE, quick=True)}
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+@functools.cache
+def _case(name):
+    """(model, x, y, float64 reference norms of the first examples) of a workload, made once."""
+    model, x, y = WORKLOADS[name].workload.make(DEVICE)
+    return model, x, y, reference_norms(model, x[:SCORER_CHECKED], y[:SCORER_CHECKED])
 
 
-@pytest.mark.parametrize("model_name", ["paper_mlp", "token_mlp"])
-@pytest.mark.parametrize("provider", ["training_step", "scorer", "vmap_grad", "per_example_loop"])
-def test_scoring(benchmark, device, model_name, provider):
-    model, x, y = workload(model_name, device)
-    if provider == "training_step":
-        trained = copy.deepcopy(model)
-        opt = torch.optim.SGD(trained.parameters(), lr=0.01, momentum=0.95, nesterov=True)
-
-        def fn():
-            opt.zero_grad(set_to_none=True)
-            XENT(trained(x), y).mean().backward()
-            opt.step()
-    elif provider == "scorer":
-        scorer = isgd_kernels.GradNormScorer(model)
-
-        def fn():
-            return scorer.norms(x, y, XENT)
-    elif provider == "vmap_grad":
-        def fn():
-            return vmap_norms(model, x[:32], y[:32], chunk_size=16)
-    else:
-        def fn():
-            return loop_norms(model, x[:32], y[:32])
-
-    def run():
-        out = fn()
-        sync(device)
-        return out
-
-    slow = provider in ("vmap_grad", "per_example_loop")
-    if slow:
-        benchmark.pedantic(run, rounds=1, iterations=1)
-    else:
-        benchmark(run)
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+@pytest.mark.parametrize("provider", SCORER_PROVIDERS)
+def test_scoring(benchmark, workload, provider):
+    case = WORKLOADS[workload]
+    model, x, y, ref = _case(workload)
+    fn, n = scorer_providers(model, x, y, vmap_chunk=case.vmap_chunk,
+                             naive_examples=case.naive_examples)[provider]
+    run = synced(fn, DEVICE)
+    out = benchmark.pedantic(run, rounds=1, iterations=1) if provider in NAIVE else benchmark(run)
+    if provider != STEP:
+        assert scorer_correct(out, ref) == "yes", provider
+    benchmark.extra_info.update(batch=case.workload.batch, examples_timed=n)

@@ -6,24 +6,25 @@ Per workload (benchmarks/workloads.py), in one process: a plain training step of
 batch (forward, backward, Nesterov SGD step), and each provider (benchmarks/providers.py). A provider
 is first checked against float64 per-example gradients of the first examples of the batch; a wrong
 one is reported with its error and not timed. The right ones are timed together with the step, and
-each is reported as a ratio to it. Writes benchmarks/results/<device>/field.{csv,json,md,png}.
+each is reported as a ratio to it. Writes field.{csv,json,md,png} to the run's output folder.
+benchmarks/bench_field.py times the same providers on the same workloads with pytest-benchmark,
+after the same check (`check_provider`).
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import textwrap
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from benchmarks.harness import figure, grouped_bars, measure_side_by_side, peak_extra_memory_mb, write_results
-from benchmarks.providers import XENT, Provider, Unsupported, providers
+from benchmarks.providers import STEP, Provider, Unsupported, max_rel_err, providers, reference_norms, train_step
 from benchmarks.workloads import Workload, field_workloads
-from isgd_kernels.scorer.reference import per_example_grad_norms_loop
 
-STEP = "training step (fwd+bwd+SGD)"
 CHECKED = 4  # examples checked against the float64 reference
 # Relative tolerance of the check. cuDNN convolutions use TF32 by default on GPUs (~1e-3 relative).
 TOLERANCE = {"cpu": 1e-3, "cuda": 1e-2}
@@ -63,30 +64,11 @@ def _run_workload(w: Workload, provs: list[Provider], device: torch.device, quic
     rows = {STEP: _row(base, STEP, f"torch {torch.__version__}", "ok", examples_timed=w.batch)}
     timed = {STEP: (step, w.batch)}
     for p in provs:
-        reason = p.skip_reason(device)
-        if reason:
-            rows[p.name] = _row(base, p.name, p.version(), "skipped", note=reason)
-            continue
-        n = examples_timed(p, model, w.batch, device, quick)
-        xs, ys = x[:n], y[:n]
-        try:
-            fn = p.build(model)
-            got = fn(xs, ys)
-        except Unsupported as exc:
-            rows[p.name] = _row(base, p.name, p.version(), "unsupported", note=str(exc))
-            continue
-        except Exception as exc:  # noqa: BLE001  (a provider that cannot run this model is reported, not fatal)
-            rows[p.name] = _row(base, p.name, p.version(), "unsupported",
-                                note=f"raised {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-            continue
-        k = min(CHECKED, n)
-        err = float(((got[:k].double() - ref[:k]).abs() / ref[:k]).max())
-        if not err <= TOLERANCE[device.type]:  # also catches NaN
-            rows[p.name] = _row(base, p.name, p.version(), "wrong", max_rel_err=err, examples_timed=n,
-                                note=f"norms off by up to {err:.1%} from float64 per-example gradients")
-            continue
-        rows[p.name] = _row(base, p.name, p.version(), "ok", max_rel_err=err, examples_timed=n)
-        timed[p.name] = ((lambda fn=fn, xs=xs, ys=ys: fn(xs, ys)), n)
+        c = check_provider(p, model, x, y, ref, device, quick)
+        rows[p.name] = _row(base, p.name, p.version(), c.status, max_rel_err=c.max_rel_err,
+                            examples_timed=c.examples, note=c.note)
+        if c.status == "ok":
+            timed[p.name] = (c.call, c.examples)
 
     times = measure_side_by_side({name: fn for name, (fn, _) in timed.items()}, device, reference=STEP,
                                  min_time=MIN_TIME[quick], min_rounds=MIN_ROUNDS[quick])
@@ -117,22 +99,37 @@ def _row(base: dict, provider: str, version: str, status: str, *, max_rel_err=No
             "max_rel_err": max_rel_err, "version": version, "note": note}
 
 
-def reference_norms(model, x, y) -> torch.Tensor:
-    """float64 per-example gradient norms by one autograd backward per example."""
-    model64 = copy.deepcopy(model).double()
-    return per_example_grad_norms_loop(model64, XENT, x.double() if x.is_floating_point() else x, y).double()
+@dataclass
+class Checked:
+    """A provider checked on a workload: status 'ok' (then `call()` computes the norms of the first
+    `examples` examples), 'skipped', 'unsupported' or 'wrong'."""
+    status: str
+    call: Callable[[], torch.Tensor] | None = None
+    examples: int | None = None
+    max_rel_err: float | None = None
+    note: str = ""
 
 
-def train_step(model, x, y):
-    trained = copy.deepcopy(model)  # the step changes its parameters: the scored model stays fixed
-    opt = torch.optim.SGD(trained.parameters(), lr=0.01, momentum=0.95, nesterov=True)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        XENT(trained(x), y).mean().backward()
-        opt.step()
-
-    return step
+def check_provider(p: Provider, model, x, y, ref: torch.Tensor, device: torch.device, quick: bool) -> Checked:
+    """Builds p for the model and checks its norms of the first examples against `ref` (float64
+    reference_norms of the first CHECKED examples); its checked call is its warm-up."""
+    reason = p.skip_reason(device)
+    if reason:
+        return Checked("skipped", note=reason)
+    n = examples_timed(p, model, len(x), device, quick)
+    xs, ys = x[:n], y[:n]
+    try:
+        fn = p.build(model)
+        got = fn(xs, ys)
+    except Unsupported as exc:
+        return Checked("unsupported", note=str(exc))
+    except Exception as exc:  # noqa: BLE001  (a provider that cannot run this model is reported, not fatal)
+        return Checked("unsupported", note=f"raised {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    err = max_rel_err(got, ref[:n])
+    if not err <= TOLERANCE[device.type]:  # also catches NaN
+        return Checked("wrong", examples=n, max_rel_err=err,
+                       note=f"norms off by up to {err:.1%} from float64 per-example gradients")
+    return Checked("ok", call=lambda: fn(xs, ys), examples=n, max_rel_err=err)
 
 
 def examples_timed(p: Provider, model, batch: int, device: torch.device, quick: bool) -> int:
@@ -146,7 +143,7 @@ def examples_timed(p: Provider, model, batch: int, device: torch.device, quick: 
 
 
 # ------------------------------------------------------------------------------------------ report
-def report(rows: list[dict], device: torch.device):
+def report(rows: list[dict], device: torch.device, out_dir):
     _, skipped_notes = providers(device)
     notes = [
         "ratio_to_step: median time / median time of a plain training step (forward, backward, Nesterov SGD "
@@ -168,7 +165,7 @@ def report(rows: list[dict], device: torch.device):
         "loss, so their norms are of the per-example gradients, not of gradient/B.",
         *skipped_notes,
     ]
-    out = write_results(rows, "field", device, columns=COLUMNS, notes=notes, summary=_summary(rows),
+    out = write_results(rows, "field", out_dir, device, columns=COLUMNS, notes=notes, summary=_summary(rows),
                         title="Per-example gradient norms: isgd_kernels vs naive autograd, Opacus and BackPACK")
     _plot(rows, out / "field.png", device)
     return out

@@ -1,8 +1,13 @@
-"""Shared benchmark harness: timing, environment stamp, result writers and charts.
+"""Shared benchmark harness: the timer, the device, where results go, the environment stamp, the
+result writers and the charts. `python -m benchmarks` and the pytest-benchmark files both use it.
 
-Times are medians over repeats (p20/p80 alongside). On CUDA, `triton.testing.do_bench` times with
-CUDA events; on CPU, `time.perf_counter` after warm-up. Ratios are always measured side by side in
-one process, never against numbers from another run.
+The timer is `issgd.timing` (re-exported here), the one the demo uses too: medians over repeats
+(p20/p80 alongside); on CUDA `triton.testing.do_bench` times with CUDA events, on CPU
+`time.perf_counter` after a warm-up. Ratios are always measured side by side in one process, never
+against numbers from another run.
+
+Results go to a scratch folder, runs/benchmarks/<device>/ (gitignored), unless a run is published
+to the committed benchmarks/results/<device>/ (`python -m benchmarks --publish`).
 """
 from __future__ import annotations
 
@@ -12,87 +17,32 @@ import datetime as _dt
 import json
 import os
 import platform
-import random
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from issgd.timing import measure, measure_side_by_side, peak_extra_memory_mb, quantiles, synchronize
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+__all__ = ["measure", "measure_side_by_side", "peak_extra_memory_mb", "quantiles", "synchronize"]
 
-
-# ------------------------------------------------------------------------------------ timing
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fn: Callable[[], object], device: torch.device, *, min_time: float = 0.5, max_reps: int = 50,
-            min_reps: int = 3, warmup: bool = True) -> dict:
-    """Median / p20 / p80 time of fn() in milliseconds, after one warm-up call (unless warmup=False)."""
-    if device.type == "cuda":
-        import triton.testing
-
-        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=max(100, int(min_time * 1000)),
-                                                quantiles=[0.5, 0.2, 0.8])
-        return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
-    if warmup:
-        fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start < min_time and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return _quantiles(times)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"  # committed: what the READMEs quote
+SCRATCH_DIR = REPO_ROOT / "runs" / "benchmarks"  # gitignored (/runs/): quick and exploratory runs
 
 
-def measure_side_by_side(fns: dict[str, Callable[[], object]], device: torch.device, *, reference: str,
-                         min_time: float = 2.0, min_rounds: int = 3, max_rounds: int = 30) -> dict[str, dict]:
-    """measure() for functions compared with fns[reference], each already warmed up. Each result also
-    has "ratio": its time over the reference's.
+# ------------------------------------------------------------------------------------ device
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    On CPU they run interleaved, one call of each per round (in a shuffled order), and "ratio" is the
-    median over rounds of the ratio within a round: a change in the load of a shared machine hits
-    both alike, so the ratios hold while the absolute times drift. On CUDA each is timed by do_bench
-    (CUDA events) in turn and "ratio" is the ratio of medians.
-    """
-    if device.type == "cuda":
-        out = {name: measure(fn, device) for name, fn in fns.items()}
-        for res in out.values():
-            res["ratio"] = res["median_ms"] / out[reference]["median_ms"]
+
+def synced(fn, device: torch.device):
+    """fn followed by a device synchronization (for timers that read the host clock, pytest-benchmark's)."""
+    def call():
+        out = fn()
+        synchronize(device)
         return out
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    start, rounds, order = time.perf_counter(), 0, list(fns)
-    while rounds < min_rounds or (time.perf_counter() - start < min_time and rounds < max_rounds):
-        random.Random(rounds).shuffle(order)  # no function always runs right after the same other one
-        for name in order:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-        rounds += 1
-    ref = torch.tensor(times[reference], dtype=torch.float64)
-    return {name: {**_quantiles(t), "ratio": float((torch.tensor(t, dtype=torch.float64) / ref).median())}
-            for name, t in times.items()}
 
-
-def _quantiles(times_ms: list[float]) -> dict:
-    q = torch.tensor(times_ms, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
-    return {"median_ms": float(q[0]), "p20_ms": float(q[1]), "p80_ms": float(q[2])}
-
-
-def peak_extra_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Peak memory allocated by fn() above what was allocated before it (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    fn()
-    synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    return call
 
 
 # ------------------------------------------------------------------------------- environment
@@ -103,7 +53,7 @@ def device_name(device: torch.device) -> str:
 
 
 def device_slug(device: torch.device) -> str:
-    """Folder name under benchmarks/results/: 'cpu' or e.g. 'nvidia-h100-80gb-hbm3'."""
+    """Folder name under benchmarks/results/ (and runs/benchmarks/): 'cpu' or e.g. 'nvidia-h100-80gb-hbm3'."""
     if device.type != "cuda":
         return "cpu"
     return "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(device).lower()).strip("-")
@@ -134,12 +84,30 @@ def environment(device: torch.device) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------ where results go
+def output_dir(device: torch.device, *, out: str | Path | None = None, publish: bool = False) -> Path:
+    """The folder a run writes its tables to: `out` as given; with publish, the committed
+    benchmarks/results/<device>/; otherwise the scratch runs/benchmarks/<device>/."""
+    if publish and out is not None:
+        raise ValueError("give either an output folder or publish, not both")
+    if publish:
+        return RESULTS_DIR / device_slug(device)
+    if out is not None:
+        return Path(out)
+    return SCRATCH_DIR / device_slug(device)
+
+
+def is_published(path: Path) -> bool:
+    """Whether `path` lies in the committed results, benchmarks/results/."""
+    return Path(path).resolve().is_relative_to(RESULTS_DIR.resolve())
+
+
 # ----------------------------------------------------------------------------------- writers
-def write_results(rows: list[dict], name: str, device: torch.device, *, columns: list[str],
+def write_results(rows: list[dict], name: str, out_dir: Path, device: torch.device, *, columns: list[str],
                   title: str, notes: list[str] | None = None, summary: list[str] | None = None) -> Path:
-    """benchmarks/results/<device>/<name>.{csv,json,md}; returns the folder. `summary`: Markdown
+    """<out_dir>/<name>.{csv,json,md} (see output_dir); returns the folder. `summary`: Markdown
     lines put above the full table."""
-    out_dir = RESULTS_DIR / device_slug(device)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device)
     with open(out_dir / f"{name}.csv", "w", newline="") as f:

@@ -1,10 +1,12 @@
 """Per-example gradient norm benchmarks: the model scorer, and the Linear and Conv ops per backend.
 
     python -m benchmarks --only scorer,linear,conv [--device cuda] [--quick]
+
+The cases come from benchmarks/workloads.py, the providers from benchmarks/providers.py;
+benchmarks/bench_scorer.py and bench_linear.py time the same cases with pytest-benchmark.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import os
@@ -22,94 +24,71 @@ from benchmarks.harness import (
     synchronize,
     write_results,
 )
-from benchmarks.providers import XENT, timed_backends
-from benchmarks.workloads import TokenMLP, paper_mlp
-from isgd_kernels.scorer.reference import per_example_grad_norms_loop, per_example_grad_norms_vmap
+from benchmarks.providers import NAIVE, STEP, max_rel_err, reference_norms, scorer_providers, timed_backends
+from benchmarks.workloads import conv_shapes, linear_shapes, scorer_workloads
+
+SCORER_CHECKED = 8  # examples checked against float64 per-example gradients
+SCORER_TOLERANCE = 2e-3
 
 
-# ------------------------------------------------------------------------------ providers
-def vmap_norms(model, x, y, chunk_size):
-    """torch.func per-example gradients reduced to norms chunk by chunk (vmap over the whole batch
-    would hold B copies of the parameters: 56 GB for the paper MLP at B = 512)."""
-    return per_example_grad_norms_vmap(model, XENT, x, y, chunk_size=chunk_size)
-
-
-def loop_norms(model, x, y):
-    return per_example_grad_norms_loop(model, XENT, x, y)
-
-
-def scorer_workloads(device, quick):
-    """(name, model, (x, y), vmap chunk, examples the naive providers are timed on)."""
-    torch.manual_seed(0)
-    naive = 32 if quick else 64  # the naive providers cost ~0.2 s per paper-MLP example on 2 cores
-    yield "paper MLP 3072-2048x4-10", paper_mlp(), (torch.randn(512, 3072), torch.randint(0, 10, (512,))), 16, naive
-    if not quick:
-        yield ("paper MLP 3072-2048x4-10", paper_mlp(), (torch.randn(128, 3072), torch.randint(0, 10, (128,))), 16,
-               naive)
-    yield "token MLP d256 T128", TokenMLP(), (torch.randn(32, 128, 64), torch.randint(0, 10, (32,))), 8, 32
+def scorer_correct(got: torch.Tensor, ref: torch.Tensor) -> str:
+    err = max_rel_err(got, ref)
+    return "yes" if err <= SCORER_TOLERANCE else f"NO (max rel err {err:.2e})"
 
 
 def run_scorer(device: torch.device, quick: bool = False) -> list[dict]:
     rows = []
-    for name, model, (x, y), vmap_chunk, naive in scorer_workloads(device, quick):
-        model, x, y = model.to(device), x.to(device), y.to(device)
-        batch = x.shape[0]
-        trained = copy.deepcopy(model)  # the step changes parameters: keep the scored model fixed
-        opt = torch.optim.SGD(trained.parameters(), lr=0.01, momentum=0.95, nesterov=True)
-
-        def train_step():
-            opt.zero_grad(set_to_none=True)
-            XENT(trained(x), y).mean().backward()
-            opt.step()
-
-        scorer = isgd_kernels.GradNormScorer(model)
-        providers = {
-            "training step (fwd+bwd+SGD)": (train_step, None),
-            "isgd_kernels GradNormScorer": (lambda: scorer.norms(x, y, XENT), None),
-            "isgd_kernels GradNormScorer (torch backend)": (
-                lambda: isgd_kernels.GradNormScorer(model, backend="torch").norms(x, y, XENT), None),
-            "torch.func vmap(grad)": (lambda: vmap_norms(model, x[:naive], y[:naive], vmap_chunk), None),
-            "per-example loop": (lambda: loop_norms(model, x[:naive], y[:naive]), None),
-        }
+    for case in scorer_workloads(device, quick):
+        w = case.workload
+        model, x, y = w.make(device)
+        batch = w.batch
+        fns = scorer_providers(model, x, y, vmap_chunk=case.vmap_chunk, naive_examples=case.naive_examples)
         # Correctness first: every provider's norms on this batch against a float64 per-example loop
-        # on its first 8 examples (a wrong-but-fast provider is reported as wrong).
-        model64 = paper_mlp() if "paper" in name else TokenMLP()
-        model64.load_state_dict(model.state_dict())
-        model64 = model64.double().to(device)
-        ref = loop_norms(model64, x[:8].double(), y[:8]).double()
-        for provider, (fn, _) in providers.items():
-            slow = provider in ("torch.func vmap(grad)", "per-example loop")
-            if provider.startswith("training"):
-                ok = ""
-            else:
-                got = fn()[:8].double()
-                ok = "yes" if torch.allclose(got, ref, rtol=2e-3, atol=0) else f"NO (max rel err {((got - ref).abs() / ref).max():.2e})"
+        # on its first examples (a wrong-but-fast provider is reported as wrong).
+        ref = reference_norms(model, x[:SCORER_CHECKED], y[:SCORER_CHECKED])
+        for provider, (fn, timed) in fns.items():
+            slow = provider in NAIVE
+            ok = "" if provider == STEP else scorer_correct(fn(), ref)
             t = measure(fn, device, min_time=0.2 if slow else 1.0, min_reps=1 if slow else 5, warmup=not slow)
-            timed = naive if slow else batch
             if timed < batch:  # per-example cost is flat in the batch size: scale to the whole batch
                 t = {k: v * batch / timed for k, v in t.items()}
             mem = None if slow else peak_extra_memory_mb(fn, device)
-            rows.append({"workload": name, "batch": batch, "provider": provider, **t, "peak_extra_mb": mem,
+            rows.append({"workload": w.name, "batch": batch, "provider": provider, **t, "peak_extra_mb": mem,
                          "examples_timed": timed, "correct": ok})
-            print(f"  {name} B={batch} {provider}: {t['median_ms']:.1f} ms {ok}", flush=True)
-        step = next(r["median_ms"] for r in rows if r["workload"] == name and r["batch"] == batch
-                    and r["provider"].startswith("training"))
+            print(f"  {w.name} B={batch} {provider}: {t['median_ms']:.1f} ms {ok}", flush=True)
+        step = next(r["median_ms"] for r in rows if r["workload"] == w.name and r["batch"] == batch
+                    and r["provider"] == STEP)
         for r in rows:
-            if r["workload"] == name and r["batch"] == batch:
+            if r["workload"] == w.name and r["batch"] == batch:
                 r["ratio_to_step"] = r["median_ms"] / step
     return rows
 
 
 # -------------------------------------------------------------------------------- linear op
-def linear_shapes(device, quick):
-    d = 1024 if device.type == "cuda" else 256
-    big = device.type == "cuda"
-    # (B, T): roughly constant B*T so every row moves similar bytes.
-    for T, B in ((1, 65536 if big else 8192), (64, 1024 if big else 64), (512, 128 if big else 16),
-                 (2048, 32 if big else 4)):
-        if quick and T == 2048 and not big:
+LINEAR_TOLERANCE = 1e-3
+
+
+def linear_inputs(B: int, T: int, d_in: int, d_out: int, device: torch.device):
+    """(x, grad_out, float64 reference norms) of one linear shape."""
+    torch.manual_seed(0)
+    x = torch.randn(B, T, d_in, device=device)
+    g = torch.randn(B, T, d_out, device=device)
+    return x, g, isgd_kernels.linear_grad_sq_norms(x.double(), g.double(), backend="torch")
+
+
+def linear_variants(T: int, d_in: int, d_out: int, device: torch.device) -> list[tuple[str, str]]:
+    """(backend, method) pairs timed on a shape: the cost rule's choice at T = 1, else both methods,
+    on every backend that runs compiled on the device (the Triton interpreter is a test tool)."""
+    auto_method = isgd_kernels.choose_method(T, d_in, d_out)
+    out = []
+    for backend in isgd_kernels.BACKENDS:
+        if backend == "triton" and device.type != "cuda":
             continue
-        yield B, T, d, d
+        for method in ["auto"] if T == 1 else ["ghost", "materialize"]:
+            if all(isgd_kernels.backend_available(backend, device, f"_linear_sq_norms_{m}")
+                   for m in ([auto_method] if method == "auto" else [method])):
+                out.append((backend, method))
+    return out
 
 
 def copy_bandwidth_gbps(device) -> float | None:
@@ -126,54 +105,31 @@ def run_linear(device: torch.device, quick: bool = False) -> list[dict]:
     rows = []
     ceiling = copy_bandwidth_gbps(device)
     for B, T, d_in, d_out in linear_shapes(device, quick):
-        torch.manual_seed(0)
-        x = torch.randn(B, T, d_in, device=device)
-        g = torch.randn(B, T, d_out, device=device)
-        ref = isgd_kernels.linear_grad_sq_norms(x.double(), g.double(), backend="torch")
+        x, g, ref = linear_inputs(B, T, d_in, d_out, device)
         auto_method = isgd_kernels.choose_method(T, d_in, d_out)
-        methods = ["auto"] if T == 1 else ["ghost", "materialize"]
-        for backend in isgd_kernels.BACKENDS:
-            for method in methods:
-                if not all(isgd_kernels.backend_available(backend, device, f"_linear_sq_norms_{m}")
-                           for m in ([auto_method] if method == "auto" else [method])):
-                    continue
-                if backend == "triton" and device.type != "cuda":
-                    continue  # the interpreter is a test tool, not a benchmark
-                fn = lambda: isgd_kernels.linear_grad_sq_norms(x, g, backend=backend, method=method)  # noqa: E731
-                got = fn().double()
-                err = float(((got - ref).abs() / ref).max())
-                t = measure(fn, device)
-                resolved = isgd_kernels.choose_method(T, d_in, d_out, method)
-                bytes_moved = (x.numel() + g.numel()) * x.element_size()
-                flops = 2 * B * T * T * (d_in + d_out) if resolved == "ghost" else 2 * B * T * d_in * d_out
-                if resolved == "outer":
-                    flops = 2 * B * (d_in + d_out)
-                gbps = bytes_moved / t["median_ms"] / 1e6
-                rows.append({
-                    "B": B, "T": T, "d_in": d_in, "d_out": d_out, "backend": backend, "method": resolved,
-                    "chosen_by_cost_rule": resolved == auto_method, **t,
-                    "GB/s": gbps, "copy_bw_fraction": gbps / ceiling if ceiling else None,
-                    "TFLOP/s": flops / t["median_ms"] / 1e9,
-                    "peak_extra_mb": peak_extra_memory_mb(fn, device), "max_rel_err": err,
-                })
-                print(f"  B={B} T={T} {backend}/{resolved}: {t['median_ms']:.3f} ms err {err:.1e}", flush=True)
-                synchronize(device)
+        for backend, method in linear_variants(T, d_in, d_out, device):
+            fn = functools.partial(isgd_kernels.linear_grad_sq_norms, x, g, backend=backend, method=method)
+            err = max_rel_err(fn(), ref)
+            t = measure(fn, device)
+            resolved = isgd_kernels.choose_method(T, d_in, d_out, method)
+            bytes_moved = (x.numel() + g.numel()) * x.element_size()
+            flops = 2 * B * T * T * (d_in + d_out) if resolved == "ghost" else 2 * B * T * d_in * d_out
+            if resolved == "outer":
+                flops = 2 * B * (d_in + d_out)
+            gbps = bytes_moved / t["median_ms"] / 1e6
+            rows.append({
+                "B": B, "T": T, "d_in": d_in, "d_out": d_out, "backend": backend, "method": resolved,
+                "chosen_by_cost_rule": resolved == auto_method, **t,
+                "GB/s": gbps, "copy_bw_fraction": gbps / ceiling if ceiling else None,
+                "TFLOP/s": flops / t["median_ms"] / 1e9,
+                "peak_extra_mb": peak_extra_memory_mb(fn, device), "max_rel_err": err,
+            })
+            print(f"  B={B} T={T} {backend}/{resolved}: {t['median_ms']:.3f} ms err {err:.1e}", flush=True)
+            synchronize(device)
     return rows
 
 
 # ---------------------------------------------------------------------------------------- conv op
-def conv_shapes(device, quick):
-    """(name, x shape, C_out, kernel size, F.convNd arguments): a CNN's layers, and the grouped kinds."""
-    B = 256 if device.type == "cuda" else 32
-    yield "2-D 3x3", (B, 64, 32, 32), 64, 3, {"padding": 1}
-    yield "2-D 3x3 stride 2", (B, 64, 32, 32), 128, 3, {"stride": 2, "padding": 1}
-    yield "2-D depthwise 3x3", (B, 128, 16, 16), 128, 3, {"padding": 1, "groups": 128}
-    yield "2-D grouped 3x3 g=4", (B, 64, 16, 16), 64, 3, {"padding": 1, "groups": 4}
-    yield "1-D k=5", (B, 32, 512), 32, 5, {"padding": 2}
-    if not quick:
-        yield "3-D 3x3x3", (B // 4, 16, 8, 16, 16), 16, 3, {"padding": 1}
-
-
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 DW = "batch dW, db (convolution_backward)"
 
@@ -233,7 +189,7 @@ def run_conv(device: torch.device, quick: bool = False) -> list[dict]:
                     raise
                 entries.append({**row, "status": "unsupported", "note": str(exc)})
                 continue
-            row["max_rel_err"] = err = float(((got[:4].double() - ref).abs() / ref).max())
+            row["max_rel_err"] = err = max_rel_err(got, ref)
             tol = 1e-3 if device.type == "cpu" else 1e-2
             if not err <= tol:
                 entries.append({**row, "status": "wrong"})
@@ -260,9 +216,9 @@ def run_conv(device: torch.device, quick: bool = False) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------- reports
-def report_scorer(rows, device):
+def report_scorer(rows, device, out_dir):
     out = write_results(
-        rows, "scorer", device, title="Per-example gradient norms of a whole model vs a training step",
+        rows, "scorer", out_dir, device, title="Per-example gradient norms of a whole model vs a training step",
         columns=["workload", "batch", "provider", "median_ms", "p20_ms", "p80_ms", "ratio_to_step",
                  "peak_extra_mb", "examples_timed", "correct"],
         notes=["ratio_to_step: median time / median time of a plain training step (forward, backward, "
@@ -275,9 +231,9 @@ def report_scorer(rows, device):
     return out
 
 
-def report_linear(rows, device):
+def report_linear(rows, device, out_dir):
     out = write_results(
-        rows, "linear", device, title="linear_grad_sq_norms per backend and method",
+        rows, "linear", out_dir, device, title="linear_grad_sq_norms per backend and method",
         columns=["B", "T", "d_in", "d_out", "backend", "method", "chosen_by_cost_rule", "median_ms",
                  "GB/s", "copy_bw_fraction", "TFLOP/s", "peak_extra_mb", "max_rel_err"],
         notes=["GB/s counts one read of x and grad_out. copy_bw_fraction: GB/s over a measured device-to-device "
@@ -287,10 +243,10 @@ def report_linear(rows, device):
     return out
 
 
-def report_conv(rows, device):
+def report_conv(rows, device, out_dir):
     _, left_out = timed_backends(device)
     out = write_results(
-        rows, "conv", device, title="conv_grad_sq_norms per backend vs the batch weight gradient",
+        rows, "conv", out_dir, device, title="conv_grad_sq_norms per backend vs the batch weight gradient",
         columns=["conv", "x", "C_out", "groups", "backend", "method", "status", "median_ms", "p20_ms", "p80_ms",
                  "ratio_to_dW", "GB/s", "TFLOP/s", "peak_extra_mb", "max_rel_err", "cpu_load", "note"],
         notes=["ratio_to_dW: time over that of aten.convolution_backward computing the batch's dW and db for the same "

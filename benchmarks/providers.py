@@ -1,17 +1,21 @@
-"""Who can compute per-example gradient norms ||grad_theta l_i||, behind one interface.
+"""Who can compute per-example gradient norms ||grad_theta l_i||, behind one interface, and the
+anchors they are checked and timed against (a training step, float64 per-example gradients).
 
 A provider is built for a model (`provider.build(model)`) and returns `norms(x, y) -> (B,)`, the L2
 norms over all trainable parameters of the gradients of the per-example cross-entropy losses l_i
 (never of a mean: that would scale every norm by 1/B). Builders work on a deep copy of the model,
 since Opacus and BackPACK attach hooks to the modules they are given.
 
-Providers: isgd_kernels' GradNormScorer per backend; naive autograd (a per-example loop, and
-torch.func vmap(grad)); Opacus (materialized per-sample gradients, and ghost clipping); BackPACK
-(BatchL2Grad). Opacus and BackPACK are optional: `bash scripts/install_bench_deps.sh` installs them.
+Providers (`providers(device)`, the `field` group): isgd_kernels' GradNormScorer per backend; naive
+autograd (a per-example loop, and torch.func vmap(grad)); Opacus (materialized per-sample gradients,
+and ghost clipping); BackPACK (BatchL2Grad). Opacus and BackPACK are optional:
+`bash scripts/install_bench_deps.sh` installs them. `scorer_providers` are the `scorer` group's.
+Both runners, `python -m benchmarks` and the pytest-benchmark files, take them from here.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import warnings
 from collections.abc import Callable
@@ -22,11 +26,12 @@ import torch
 from torch import nn
 
 import isgd_kernels
-from isgd_kernels import _backend
+from isgd_kernels._backend import backend_unavailable_reason
 from isgd_kernels.scorer.reference import per_example_grad_norms_loop, per_example_grad_norms_vmap
 
 XENT = nn.CrossEntropyLoss(reduction="none")
 Norms = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+STEP = "training step (fwd+bwd+SGD)"  # the anchor every provider is a ratio to
 
 
 class Unsupported(Exception):
@@ -61,6 +66,31 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+# ------------------------------------------------------------------------------------- anchors
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """A plain training step (forward, backward, Nesterov SGD step) of a copy of the model on (x, y)."""
+    trained = copy.deepcopy(model)  # the step changes its parameters: the scored model stays fixed
+    opt = torch.optim.SGD(trained.parameters(), lr=0.01, momentum=0.95, nesterov=True)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        XENT(trained(x), y).mean().backward()
+        opt.step()
+
+    return step
+
+
+def reference_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """float64 per-example gradient norms by one autograd backward per example."""
+    model64 = copy.deepcopy(model).double()
+    return per_example_grad_norms_loop(model64, XENT, x.double() if x.is_floating_point() else x, y).double()
+
+
+def max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest relative error of got against ref over ref's examples (NaN if got has a NaN)."""
+    return float(((got[:len(ref)].double() - ref).abs() / ref).max())
+
+
 # ----------------------------------------------------------------------------------- isgd_kernels
 def _scorer(backend: str) -> Callable[[nn.Module], Norms]:
     def build(model):
@@ -85,27 +115,38 @@ def _scorer(backend: str) -> Callable[[nn.Module], Norms]:
 def timed_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
     """isgd_kernels backends worth timing on `device`, and why each of the others is not."""
     out, left_out = [], {}
-    for backend in _backend.BACKENDS:
+    for backend in isgd_kernels.BACKENDS:
         if backend == "triton" and device.type != "cuda":
             left_out[backend] = ("not timed: without a GPU Triton runs in its interpreter, a test tool whose "
                                  "timings mean nothing")
         elif backend == "cuda" and device.type != "cuda":
             left_out[backend] = "needs a CUDA device"
-        elif _backend.backend_available(backend, device, "_linear_sq_norms_ghost"):
+        elif isgd_kernels.backend_available(backend, device, "_linear_sq_norms_ghost"):
             out.append(backend)
         else:
-            left_out[backend] = _backend.backend_unavailable_reason(backend, device, "_linear_sq_norms_ghost")
+            left_out[backend] = backend_unavailable_reason(backend, device, "_linear_sq_norms_ghost")
     return out, left_out
 
 
 # ------------------------------------------------------------------------------ naive autograd
+def loop_norms(model, x, y):
+    return per_example_grad_norms_loop(model, XENT, x, y)
+
+
+def vmap_norms(model, x, y, chunk_size=None):
+    """torch.func per-example gradients reduced to norms, chunk_size examples at a time (None: the
+    whole slice at once; vmap over a whole batch holds B copies of the parameters: 56 GB for the
+    paper MLP at B = 512)."""
+    return per_example_grad_norms_vmap(model, XENT, x, y, chunk_size=chunk_size)
+
+
 def _loop(model):
-    return lambda x, y: per_example_grad_norms_loop(model, XENT, x, y)
+    return functools.partial(loop_norms, model)
 
 
 def _vmap(model):
     # vmap over the whole slice at once: the runner hands it a slice small enough to materialize.
-    return lambda x, y: per_example_grad_norms_vmap(model, XENT, x, y)
+    return functools.partial(vmap_norms, model)
 
 
 # ------------------------------------------------------------------------------------------ Opacus
@@ -187,3 +228,23 @@ def providers(device: torch.device) -> tuple[list[Provider], list[str]]:
         Provider("BackPACK BatchL2Grad", _backpack, "backpack-for-pytorch", requires="backpack"),
     ]
     return out, notes
+
+
+# ---------------------------------------------------------------------------------- scorer group
+NAIVE = ("torch.func vmap(grad)", "per-example loop")  # timed on a few examples, without warm-up
+SCORER_PROVIDERS = (STEP, "isgd_kernels GradNormScorer", "isgd_kernels GradNormScorer (torch backend)", *NAIVE)
+
+
+def scorer_providers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, vmap_chunk: int,
+                     naive_examples: int) -> dict[str, tuple[Callable[[], object], int]]:
+    """The `scorer` group, SCORER_PROVIDERS: name -> (call, examples it runs on) for the training
+    step, GradNormScorer (default backend, and the torch backend built in the call) and the naive
+    providers on the first naive_examples examples."""
+    batch, n = x.shape[0], naive_examples
+    scorer = isgd_kernels.GradNormScorer(model)
+    calls = [(train_step(model, x, y), batch),
+             (lambda: scorer.norms(x, y, XENT), batch),
+             (lambda: isgd_kernels.GradNormScorer(model, backend="torch").norms(x, y, XENT), batch),
+             (lambda: vmap_norms(model, x[:n], y[:n], vmap_chunk), n),
+             (lambda: loop_norms(model, x[:n], y[:n]), n)]
+    return dict(zip(SCORER_PROVIDERS, calls, strict=True))

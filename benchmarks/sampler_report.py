@@ -1,6 +1,6 @@
 """Alias-table sampler vs the weighted samplers people use, side by side in one process.
 
-    python benchmarks/sampler_report.py --device cpu [--quick]
+    python -m benchmarks --only sampler [--device cuda] [--quick]
 
 Methods: AliasTable (this package), torch.multinomial(w, n, replacement=True), WeightedRandomSampler,
 numpy.random.Generator.choice(p=...), torch.searchsorted on a prebuilt float64 CDF.
@@ -10,22 +10,21 @@ sampler cost per step, measured end to end over whole refresh cycles. For the al
 per-step draws include the importance weights 1/(N q_i) (sample_with_weights); the other methods
 are charged for indices only.
 
-Writes benchmarks/results/<device>/sampler.{csv,json,md,png}.
+Writes sampler.{csv,json,md,png} to the run's output folder. benchmarks/bench_sampler.py times the
+same methods (`Method`) on the same sizes with pytest-benchmark.
 """
 from __future__ import annotations
 
-import argparse
-import sys
-import time
+import itertools
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import WeightedRandomSampler
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.harness import device_slug, environment, figure, measure, synchronize, write_results  # noqa: E402
-from isgd_kernels import AliasTable  # noqa: E402
-from torch.utils.data import WeightedRandomSampler  # noqa: E402
+from benchmarks.harness import environment, figure, measure, write_results
+from benchmarks.workloads import sampler_sizes, sampler_weights
+from isgd_kernels import AliasTable
 
 BATCH = 128
 REFRESH_EVERY = 32
@@ -33,10 +32,18 @@ BIG_DRAW = 1_000_000
 METHODS = ["alias", "multinomial", "weighted_random_sampler", "numpy_choice", "searchsorted_cdf"]
 
 
-def _weights(n: int, device: torch.device, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    # Gradient-norm-like weights: heavy-tailed, plus the smoothing constant ISSGD adds.
-    return (torch.rand(n, generator=g) ** 4 + 0.01).to(device)
+def skip_reason(name: str, n: int, device: torch.device) -> str | None:
+    """Why a method is not run at N categories on the device, or None."""
+    if name == "numpy_choice" and device.type == "cuda":
+        return "numpy draws on the host only"
+    if name in ("multinomial", "weighted_random_sampler") and n > 2**24:
+        return "torch.multinomial refuses more than 2^24 categories"
+    return None
+
+
+def is_slow(name: str, n: int) -> bool:
+    """Methods whose big draws at this N take seconds: timed with fewer repeats."""
+    return name in ("multinomial", "weighted_random_sampler", "numpy_choice") and n >= 10**7
 
 
 class Method:
@@ -85,36 +92,29 @@ class Method:
 
 
 def _issgd_step_ms(method: Method, weights: list[torch.Tensor], cycles: int) -> float:
-    """Mean sampler cost per training step: refresh (rebuild) every REFRESH_EVERY steps, draw a batch
-    of BATCH each step. Weights alternate between two vectors so every refresh sees new values."""
-    dev = method.device
-    state = method.build(weights[0])  # not timed: the first build happens before training
-    synchronize(dev)
-    t0 = time.perf_counter()
-    for c in range(cycles):
-        state = method.build(weights[(c + 1) % len(weights)], in_place=True)
+    """Sampler cost per training step: refresh (rebuild) every REFRESH_EVERY steps, draw a batch of
+    BATCH each step; the median over `cycles` whole refresh cycles, per step. Weights alternate
+    between two vectors so every refresh sees new values."""
+    method.build(weights[0])  # not timed: the first build happens before training
+    refresh = itertools.count(1)
+
+    def cycle():
+        state = method.build(weights[next(refresh) % len(weights)], in_place=True)
         for _ in range(REFRESH_EVERY):
             method.draw(state, BATCH, with_weights=True)
-    synchronize(dev)
-    return (time.perf_counter() - t0) * 1e3 / (cycles * REFRESH_EVERY)
+
+    t = measure(cycle, method.device, min_time=0.0, min_reps=cycles, max_reps=cycles, warmup=False)
+    return t["median_ms"] / REFRESH_EVERY
 
 
 def run(device: torch.device, quick: bool) -> list[dict]:
-    if device.type == "cuda":
-        sizes = [10**5, 10**6] if quick else [10**5, 10**6, 10**7, 10**8]
-    else:
-        sizes = [10**5, 10**6] if quick else [10**5, 10**6, 10**7]
     min_time = 0.2 if quick else 0.5
     rows = []
-    for n in sizes:
-        weights = [_weights(n, device, 0), _weights(n, device, 1)]
+    for n in sampler_sizes(device, quick):
+        weights = [sampler_weights(n, device, 0), sampler_weights(n, device, 1)]
         w = weights[0]
         for name in METHODS:
-            if name == "numpy_choice" and device.type == "cuda":
-                continue  # host-only
-            if name in ("weighted_random_sampler",) and n > 2**24:
-                continue  # torch.multinomial refuses more than 2^24 categories
-            if name == "multinomial" and n > 2**24:
+            if skip_reason(name, n, device):
                 continue
             m = Method(name, device)
             state = m.build(w)
@@ -130,7 +130,7 @@ def run(device: torch.device, quick: bool) -> list[dict]:
                 rebuild = measure(lambda: m.build(w, in_place=True), device, min_time=min_time, max_reps=20)["median_ms"]
                 state = m.table
             d128 = measure(lambda: m.draw(state, BATCH), device, min_time=min_time, max_reps=2000)["median_ms"]
-            slow = name in ("multinomial", "weighted_random_sampler", "numpy_choice") and n >= 10**7
+            slow = is_slow(name, n)
             dbig = measure(lambda: m.draw(state, BIG_DRAW), device, min_time=min_time,
                            max_reps=3 if slow else 20, min_reps=1 if slow else 3)["median_ms"]
             cycles = 1 if (slow or quick) else 2
@@ -192,34 +192,20 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         fig.suptitle(title, fontsize=9)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--quick", action="store_true", help="small N and few repeats (smoke run)")
-    args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
-    device = torch.device(args.device)
-    report(run(device, args.quick), device)
-
-
-def report(rows: list[dict], device: torch.device) -> Path:
-    """Targets, CSV/JSON/Markdown table and chart under benchmarks/results/<device>/."""
+def report(rows: list[dict], device: torch.device, out_dir: Path) -> Path:
+    """Targets, CSV/JSON/Markdown table and chart in out_dir."""
     notes = _targets(rows, device)
     notes.append(f"ISSGD step = (rebuild every {REFRESH_EVERY} steps + {BATCH} draws per step) / steps, measured "
-                 "end to end; alias draws include the importance weights, the others indices only")
+                 "end to end over whole refresh cycles (median); alias draws include the importance weights, the "
+                 "others indices only")
     notes.append("build: alias = fresh AliasTable(w) (incl. allocating the 12 B/row table); multinomial = none; "
                  "WeightedRandomSampler = constructor; numpy = normalising p; searchsorted = float64 cumsum")
     for n in notes:
         print(n)
     env = environment(device)
-    out = write_results(rows, "sampler", device, columns=["N", "method", "build_ms", "rebuild_in_place_ms", "draw128_us",
-                                                          "draw1e6_ms", "issgd_step_us"],
+    out = write_results(rows, "sampler", out_dir, device,
+                        columns=["N", "method", "build_ms", "rebuild_in_place_ms", "draw128_us", "draw1e6_ms",
+                                 "issgd_step_us"],
                         title=f"Alias sampler vs weighted samplers ({device.type.upper()})", notes=notes)
     plot(rows, out / "sampler.png", f"{env['device']} | torch {env['torch']} | commit {env['commit']} | {env['date']}")
-    print(f"wrote {out}/sampler.csv, sampler.md, sampler.png ({device_slug(device)})")
     return out
-
-
-if __name__ == "__main__":
-    main()

@@ -66,8 +66,8 @@ def run(device="cpu", quick: bool = False, dataset: str = "digits", model: str =
     return rows
 
 
-def report(rows: list[dict], device) -> Path:
-    """Writes benchmarks/results/<device>/trainer.{csv,json,md}; returns the folder."""
+def report(rows: list[dict], device, out_dir: Path) -> Path:
+    """Writes trainer.{csv,json,md,png} to out_dir; returns it."""
     for r in rows:
         r["run"] = ("uniform SGD (master alone)" if r["mode"] == "usgd"
                     else "ISSGD, inline scoring" if r["workers"] == 0
@@ -79,7 +79,7 @@ def report(rows: list[dict], device) -> Path:
              (f"{rows[0]['rounds']} rounds of the four runs; ratio_to_master_alone is the median over rounds of "
               "the ratio within a round (ratio_min / ratio_max: its range), the other columns are medians."),
              "Target: master steps/s with W scoring workers >= 0.90 x the master alone."]
-    out = write_results(rows, "trainer", torch.device(device), columns=columns,
+    out = write_results(rows, "trainer", out_dir, torch.device(device), columns=columns,
                         title="Trainer: master throughput with scoring workers", notes=notes)
     _plot(rows, out / "trainer.png", torch.device(device))
     return out

@@ -1,7 +1,9 @@
-"""The models and batches the benchmarks score: one place for their shapes, on CPU and on CUDA.
+"""Every workload and shape set the benchmarks run, in one place, on CPU and on CUDA: both
+`python -m benchmarks` and the pytest-benchmark files (benchmarks/bench_*.py) take their cases from here.
 
-Each Workload is a model, a batch size and an input maker; `field_workloads(device, quick)` lists
-the ones `python -m benchmarks --only field` compares providers on.
+A Workload is a model, a batch size and an input maker. `field_workloads` lists the models the
+`field` group compares providers on, `scorer_workloads` those of the `scorer` group; `linear_shapes`,
+`conv_shapes` and `sampler_sizes` are the op-level cases of the `linear`, `conv` and `sampler` groups.
 """
 from __future__ import annotations
 
@@ -96,16 +98,23 @@ class Workload:
         return model, self.inputs(self.batch).to(device), torch.randint(0, CLASSES, (self.batch,)).to(device)
 
 
+def _vectors(batch: int) -> torch.Tensor:
+    return torch.randn(batch, 3072)
+
+
 def _images(batch: int) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32)
+
+
+def _paper_mlp(batch: int) -> Workload:
+    return Workload("paper MLP 3072-2048x4-10", paper_mlp, batch, _vectors, "3072")
 
 
 def field_workloads(device: torch.device, quick: bool) -> list[Workload]:
     """The models the providers are compared on. Batches as the paper and the brief give them; the
     transformer is narrow on CPU (d = 64) and B*T is held constant over T so each row moves similar data."""
     gpu = device.type == "cuda"
-    out = [Workload("paper MLP 3072-2048x4-10", paper_mlp, b, lambda b: torch.randn(b, 3072), "3072")
-           for b in (128, 2048)]  # 128: the master's batch; 2048: a scoring worker's chunk
+    out = [_paper_mlp(b) for b in (128, 2048)]  # 128: the master's batch; 2048: a scoring worker's chunk
     out += [Workload("CNN conv 3-32-64-64", cnn, b, _images, "3x32x32") for b in (64, 256)]
     vocab, d, heads, hidden = (8192, 256, 4, 1024) if gpu else (1024, 64, 4, 256)
     tokens_per_batch = 32768 if gpu else 4096
@@ -116,3 +125,61 @@ def field_workloads(device: torch.device, quick: bool) -> list[Workload]:
     out += [Workload("grouped/depthwise CNN", grouped_cnn, b, _images, "3x32x32")
             for b in ((64,) if quick and not gpu else (64, 256))]
     return out
+
+
+@dataclass(frozen=True)
+class ScorerWorkload:
+    """A workload of the `scorer` group, with the vmap chunk and the number of examples the naive
+    providers (vmap, per-example loop) are timed on: their cost per example does not depend on the batch."""
+    workload: Workload
+    vmap_chunk: int
+    naive_examples: int
+
+
+def scorer_workloads(device: torch.device, quick: bool) -> list[ScorerWorkload]:
+    naive = 32 if quick else 64  # the naive providers cost ~0.2 s per paper-MLP example on 2 cores
+    out = [ScorerWorkload(_paper_mlp(512), 16, naive)]
+    if not quick:
+        out.append(ScorerWorkload(_paper_mlp(128), 16, naive))
+    token = Workload("token MLP d256 T128", TokenMLP, 32, lambda b: torch.randn(b, 128, 64), "T=128 x 64")
+    return out + [ScorerWorkload(token, 8, 32)]
+
+
+# ---------------------------------------------------------------------------------- op-level cases
+def linear_shapes(device: torch.device, quick: bool) -> list[tuple[int, int, int, int]]:
+    """(B, T, d_in, d_out) of linear_grad_sq_norms: roughly constant B*T so every row moves similar bytes."""
+    d = 1024 if device.type == "cuda" else 256
+    big = device.type == "cuda"
+    out = []
+    for T, B in ((1, 65536 if big else 8192), (64, 1024 if big else 64), (512, 128 if big else 16),
+                 (2048, 32 if big else 4)):
+        if quick and T == 2048 and not big:
+            continue
+        out.append((B, T, d, d))
+    return out
+
+
+def conv_shapes(device: torch.device, quick: bool) -> list[tuple[str, tuple[int, ...], int, int, dict]]:
+    """(name, x shape, C_out, kernel size, F.convNd arguments): a CNN's layers, and the grouped kinds."""
+    B = 256 if device.type == "cuda" else 32
+    out = [("2-D 3x3", (B, 64, 32, 32), 64, 3, {"padding": 1}),
+           ("2-D 3x3 stride 2", (B, 64, 32, 32), 128, 3, {"stride": 2, "padding": 1}),
+           ("2-D depthwise 3x3", (B, 128, 16, 16), 128, 3, {"padding": 1, "groups": 128}),
+           ("2-D grouped 3x3 g=4", (B, 64, 16, 16), 64, 3, {"padding": 1, "groups": 4}),
+           ("1-D k=5", (B, 32, 512), 32, 5, {"padding": 2})]
+    if not quick:
+        out.append(("3-D 3x3x3", (B // 4, 16, 8, 16, 16), 16, 3, {"padding": 1}))
+    return out
+
+
+def sampler_sizes(device: torch.device, quick: bool) -> list[int]:
+    """N (categories) of the sampler group; 1e8 on GPUs only."""
+    if quick:
+        return [10**5, 10**6]
+    return [10**5, 10**6, 10**7] + ([10**8] if device.type == "cuda" else [])
+
+
+def sampler_weights(n: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """Gradient-norm-like weights: heavy-tailed, plus the smoothing constant ISSGD adds."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, generator=g) ** 4 + 0.01).to(device)

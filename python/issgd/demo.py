@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils import benchmark
 from tqdm import tqdm
 
 import isgd_kernels
@@ -24,6 +23,9 @@ from issgd.data import load_digits
 from issgd.diagnostics import mean_grad_sq_norm, sqrt_trace_covariances
 from issgd.models import mlp, paper_mlp
 from issgd.scoring import XENT, score_in_chunks
+from issgd.timing import measure_side_by_side
+
+STEP = "training step (fwd+bwd+SGD)"
 
 
 def vmap_norms(model, x, y):
@@ -34,13 +36,9 @@ def loop_norms(model, x, y):
     return per_example_grad_norms_loop(model, XENT, x, y)
 
 
-def median_ms(fn, min_run_time=1.0) -> float:
-    fn()  # warm-up
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
-
-
 def microbenchmarks(device, backend, digits_x, digits_y):
-    """Rows of (model, batch, provider, ms, ratio to a training step), measured side by side."""
+    """Rows of (model, batch, provider, ms, ratio to a training step), measured side by side by the
+    benchmarks' timer (issgd.timing: interleaved rounds on CPU, CUDA events on GPU)."""
     torch.manual_seed(0)
     workloads = [("digits MLP 64-256x2-10", mlp(64, [256, 256], 10), digits_x[:512], digits_y[:512], True),
                  ("paper MLP 3072-2048x4-10", paper_mlp(), torch.randn(512, 3072), torch.randint(0, 10, (512,)),
@@ -59,13 +57,12 @@ def microbenchmarks(device, backend, digits_x, digits_y):
             opt.step()
 
         scorer = isgd_kernels.GradNormScorer(model, backend=backend)
-        providers = [("training step (fwd+bwd+SGD)", step), ("GradNormScorer (norms-only)", lambda: scorer(x, y, XENT))]
+        providers = {STEP: step, "GradNormScorer (norms-only)": lambda: scorer(x, y, XENT)}
         if with_naive:
-            providers += [("torch.func vmap(grad)", lambda: vmap_norms(model, x, y)),
-                          ("per-example loop", lambda: loop_norms(model, x, y))]
-        times = {label: median_ms(fn, 0.5 if "loop" in label else 1.0) for label, fn in providers}
-        base = times["training step (fwd+bwd+SGD)"]
-        rows += [(name, len(x), label, ms, ms / base) for label, ms in times.items()]
+            providers.update({"torch.func vmap(grad)": lambda: vmap_norms(model, x, y),
+                              "per-example loop": lambda: loop_norms(model, x, y)})
+        times = measure_side_by_side(providers, device, reference=STEP, min_time=len(providers), warmup=True)
+        rows += [(name, len(x), label, t["median_ms"], t["ratio"]) for label, t in times.items()]
     return rows
 
 
