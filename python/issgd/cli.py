@@ -164,6 +164,9 @@ def _train(parser: argparse.ArgumentParser, args) -> int:
             summary = trainer.run()
             plot_runs({config.mode: trainer.records}, Path(config.out) / "metrics.png") if trainer.records else None
             print("\n" + table({config.mode: summary}))
+            if summary["device"].startswith("cpu"):
+                print(f"master: {summary['master_threads']} CPU threads of {summary['usable_cores']} usable cores "
+                      "(--master-threads to change)")
             print(f"\nwrote {config.out}/metrics.jsonl, metrics.png and summary.json")
     except (FileNotFoundError, ValueError, FloatingPointError) as exc:
         print(f"issgd train: error: {exc}", file=sys.stderr)

@@ -1,19 +1,12 @@
 """ISSGD against uniform SGD: the same job run twice, then one table and one figure."""
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 
 from issgd.report import comparison, fmt, plot_runs, table, to_json, workers_phrase
+from issgd.threads import master_threads
 from issgd.trainer import TrainConfig, Trainer
-
-
-def default_master_threads(config: TrainConfig) -> int | None:
-    """With scoring workers on this machine's CPU, the master keeps the cores they leave free."""
-    if config.master_threads is not None or config.workers == 0 or not config.device.startswith("cpu"):
-        return config.master_threads
-    return max(1, (os.cpu_count() or 1) - config.workers * config.worker_threads)
 
 
 def run_comparison(config: TrainConfig) -> dict:
@@ -21,7 +14,10 @@ def run_comparison(config: TrainConfig) -> dict:
     uniform SGD needs no scoring workers) under ``config.out``/<mode>; writes ``compare.png``,
     ``summary.md`` and ``summary.json`` there and returns the summary."""
     out = Path(config.out)
-    threads = default_master_threads(config)
+    # Both runs get the threads the ISSGD run's master has (the cores its local workers leave free), so
+    # that their steps/s compare like with like.
+    threads = (master_threads(config.master_threads, config.workers, config.worker_threads)
+               if config.device.startswith("cpu") else config.master_threads)
     summaries, runs = {}, {}
     for mode in ("usgd", "issgd"):
         cfg = replace(config, mode=mode, out=str(out / mode), master_threads=threads,
@@ -63,5 +59,12 @@ def comparison_text(c: dict, summaries: dict) -> str:
     issgd_rate, usgd_rate = s["steps_per_second"], summaries["usgd"]["steps_per_second"]
     ratio = issgd_rate / usgd_rate if issgd_rate and usgd_rate else None
     lines.append(f"- master throughput: ISSGD {fmt(issgd_rate, '.0f')} steps/s, uniform SGD {fmt(usgd_rate, '.0f')} "
-                 f"steps/s (ratio {fmt(ratio, '.2f')})")
+                 f"steps/s (ratio {fmt(ratio, '.2f')}){_threads_phrase(s)}")
     return "\n".join(lines)
+
+
+def _threads_phrase(summary: dict) -> str:
+    if not summary.get("device", "").startswith("cpu") or summary.get("master_threads") is None:
+        return ""
+    threads = summary["master_threads"]
+    return f"; master {threads} CPU thread{'s' if threads != 1 else ''} of {summary['usable_cores']} usable cores"

@@ -28,6 +28,7 @@ from issgd.distributed import ScoringPool, launched_by_torchrun
 from issgd.job import build_job
 from issgd.report import to_json
 from issgd.scoring import XENT, ChunkCursor, ScoreBoard
+from issgd.threads import master_threads, usable_cores
 
 __all__ = ["TrainConfig", "Trainer"]
 
@@ -50,8 +51,18 @@ class Trainer:
             raise ValueError("--device cuda, but torch sees no CUDA device")
         self.distributed = launched_by_torchrun()
         self.workers = int(os.environ["WORLD_SIZE"]) - 1 if self.distributed else config.workers
-        if config.master_threads is not None:
-            torch.set_num_threads(config.master_threads)
+        if self.device.type == "cpu":
+            # Local scoring workers (spawned, on this machine's CPU) get their own cores; under torchrun the
+            # ranks are placed by the launcher.
+            if self.distributed:  # torchrun's ranks on this machine, less the master itself
+                local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1
+            else:
+                local_workers = config.workers if config.mode == "issgd" else 0
+            self.threads = master_threads(config.master_threads, local_workers, config.worker_threads)
+            torch.set_num_threads(self.threads)
+            log.info("master: %d CPU threads (%d usable cores)", self.threads, usable_cores())
+        else:
+            self.threads = torch.get_num_threads()
         job = build_job(config, self.device)
         self.data, self.model, self.scorer = job.data, job.model, job.scorer
         self.n = len(self.data.x_train)
@@ -188,6 +199,7 @@ class Trainer:
                "mean_ratio_actual_to_uniform": _mean(_ratio(r, "sqrt_tr_actual") for r in recs),
                "mean_staleness": _mean(r.get("staleness_mean") for r in recs) if cfg.mode == "issgd" else None,
                "device": str(self.device), "workers": self.workers if cfg.mode == "issgd" else 0,
+               "master_threads": self.threads, "usable_cores": usable_cores(),
                "torch": torch.__version__}
         if self.pool is not None:
             busy = sum(self.pool.worker_seconds.values())
