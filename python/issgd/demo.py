@@ -83,7 +83,7 @@ def run_demo(args) -> int:
     print(f"digits: {N} training / {len(x_valid)} validation examples, model 64-256x2-10, device {device}")
 
     history = []
-    for epoch in tqdm(range(args.epochs + 1), desc="epochs"):
+    for epoch in tqdm(range(args.epochs + 1), desc="score, then train an epoch"):
         model.eval()
         norms = score_in_chunks(scorer, x_train, y_train)
         gbar2 = mean_grad_sq_norm(model, x_train, y_train)
@@ -94,8 +94,8 @@ def run_demo(args) -> int:
         history.append({"epoch": epoch, "train_loss": train_loss, "valid_error": valid_err,
                         "mean_norm": norms.mean().item(), "max_norm": norms.max().item(),
                         "sqrt_tr_uniform": sd["uniform"], "sqrt_tr_ideal": sd["ideal"]})
-        if epoch == args.epochs:
-            break
+        if epoch == args.epochs:  # scored after the last epoch: nothing left to train (the bar still completes)
+            continue
         model.train()
         perm = torch.randperm(N, device=device)
         for i in range(0, N, args.batch_size):
