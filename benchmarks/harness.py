@@ -60,14 +60,17 @@ def device_slug(device: torch.device) -> str:
 
 
 def environment(device: torch.device) -> dict:
+    commit = os.environ.get("ISGD_COMMIT")  # a copy of the tree without .git (e.g. on a lent GPU machine)
     try:
+        if commit:
+            raise OSError("commit given")
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, cwd=Path(__file__).parent).stdout.strip()
         commit += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        commit = commit or "unknown"
     try:
         import triton
 
