@@ -73,16 +73,22 @@ class GradNormScorer:
         eval_mode: run the scoring pass in eval mode (dropout off, BatchNorm on running stats);
             the model's mode is restored afterwards.
         backend: kernel backend for the per-layer norms ("auto", "triton", "cuda", "cpu", "torch").
+        check_examples_separate: before each pass, check through the loss alone (two small backward
+            passes, no model layer) that example i's loss depends on row i of the outputs only, which
+            refuses losses that couple examples (InfoNCE, losses normalised over the batch) and
+            sequence-first outputs (T, B, ...) even when T == B.
 
     `.grad` of the parameters is never touched; the model's requires_grad flags are restored.
     """
 
-    def __init__(self, model: nn.Module, *, eval_mode: bool = True, backend: str = "auto"):
+    def __init__(self, model: nn.Module, *, eval_mode: bool = True, backend: str = "auto",
+                 check_examples_separate: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradNormScorer: model must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.eval_mode = eval_mode
         self.backend = backend
+        self.check_examples_separate = check_examples_separate
         self.layers: list[LayerCapture] = self._plan()  # fail early on unsupported modules
 
     def _plan(self) -> list[LayerCapture]:
@@ -147,6 +153,8 @@ class GradNormScorer:
                     losses = loss_fn(outputs, targets)
                     self._check_losses(losses, batch)
                     self._check_all_called(captures)
+                    if self.check_examples_separate:
+                        _check_examples_separate(outputs, losses, batch)
                     if captures and losses.requires_grad:
                         torch.autograd.grad(losses.sum(), anchor, allow_unused=True)
                 sq = total.value(batch, args[0].device, accumulation_dtype(losses.dtype))
@@ -207,6 +215,36 @@ class GradNormScorer:
                     f"GradNormScorer: module '{cap.name}' ({type(cap.module).__name__}) has trainable parameters but "
                     "was not called in forward (its parameters may be used by another module directly). Freeze it "
                     "(requires_grad_(False)) if it is unused.")
+
+
+def _check_examples_separate(outputs, losses: torch.Tensor, batch: int) -> None:
+    """Refuse outputs/losses whose per-example gradients would not be per-example.
+
+    With per-example losses of batch-first outputs, d(sum_i r_i l_i)/d out[j] = r_j * d(sum_i l_i)/d out[j]
+    for any weights r: example j's loss only reads row j. Two backward passes through the loss function
+    (not the model) with r = 1 and random r check it. It fails when the loss couples examples, and when
+    dim 0 of an output is not the batch (a sequence-first (T, B, ...) output, whatever T is)."""
+    outs = [t for t in (outputs if isinstance(outputs, (tuple, list)) else (outputs,))
+            if isinstance(t, torch.Tensor) and t.requires_grad and t.dim() > 0 and t.shape[0] == batch]
+    if not outs or not losses.requires_grad or batch < 2:
+        return
+    gen = torch.Generator(device=losses.device).manual_seed(0)
+    r = torch.rand(batch, generator=gen, device=losses.device, dtype=losses.dtype) + 0.5
+    plain = torch.autograd.grad(losses.sum(), outs, retain_graph=True, allow_unused=True)
+    weighted = torch.autograd.grad((losses * r).sum(), outs, retain_graph=True, allow_unused=True)
+    rtol = 1e-9 if losses.dtype == torch.float64 else 1e-4 if losses.dtype == torch.float32 else 1e-2
+    for out, g, gw in zip(outs, plain, weighted):
+        if g is None or gw is None:
+            continue
+        expected = g * r.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+        err = (gw - expected).abs().max()
+        if err > rtol * expected.abs().max().clamp_min(torch.finfo(g.dtype).tiny) * 10:
+            raise ValueError(
+                f"GradNormScorer: example i's loss depends on more than row i of the model's output {tuple(out.shape)}, "
+                "so its gradient is not a per-example gradient. Either loss_fn couples the examples of a batch "
+                "(contrastive losses such as InfoNCE, losses normalised over the batch): pass a loss whose i-th "
+                "entry depends on example i alone; or the output is not batch-first (a sequence-first (T, B, ...) "
+                "output): permute it to (B, T, ...) in the model. (check_examples_separate=False skips this check.)")
 
 
 class _NormTotal:

@@ -340,3 +340,37 @@ def test_argument_types_are_checked_up_front():
         GradNormScorer(model).norms([[1.0] * 23], y, xent)
     with pytest.raises(TypeError, match="inputs must be a batched tensor.*0-d"):
         GradNormScorer(model).norms(torch.tensor(1.0), y, xent)
+
+
+def test_losses_that_couple_examples_are_refused():
+    """InfoNCE-style and batch-normalised losses are not per-example: refused, never a wrong number."""
+    torch.manual_seed(12)
+    model = mlp()
+    x, y = torch.randn(6, 23, dtype=torch.float64), torch.randint(0, 5, (6,))
+
+    def info_nce(out, _):  # each example's logit row against every other example's
+        sim = out @ out.T
+        return -torch.log_softmax(sim, dim=1).diagonal()
+
+    def normalised(out, t):
+        losses = xent(out, t)
+        return losses / losses.sum().detach().clamp_min(1e-6) + losses / losses.sum()
+
+    for loss_fn in (info_nce, normalised):
+        with pytest.raises(ValueError, match="couples the examples"):
+            GradNormScorer(model).norms(x, y, loss_fn)
+    GradNormScorer(model).norms(x, y, xent)  # a per-example loss passes
+
+
+def test_sequence_first_output_is_refused_even_when_T_equals_B():
+    """A (T, B, V) output with T == B passes every size check; the row-scaling check still refuses it."""
+    torch.manual_seed(13)
+    T = B = 5
+    model = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 11))
+    tokens = torch.randint(0, 11, (T, B))  # sequence-first, as in PyTorch's word-language-model example
+
+    def loss_fn(out, tgt):  # out (T, B, V): per-example losses sum over T (dim 0)
+        return nn.functional.cross_entropy(out.permute(1, 2, 0), tgt.T, reduction="none").sum(1)
+
+    with pytest.raises(ValueError, match="not batch-first"):
+        GradNormScorer(model).norms(tokens, torch.randint(0, 11, (T, B)), loss_fn)
