@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from isgd_kernels._checks import accumulation_dtype
 from isgd_kernels.scorer import rules  # noqa: F401  (registers the built-in rules)
@@ -89,6 +90,7 @@ class GradNormScorer:
         self.eval_mode = eval_mode
         self.backend = backend
         self.check_examples_separate = check_examples_separate
+        self._uses_checked_for: tuple | None = None
         self.layers: list[LayerCapture] = self._plan()  # fail early on unsupported modules
 
     def _plan(self) -> list[LayerCapture]:
@@ -149,10 +151,15 @@ class GradNormScorer:
                 for cap in captures:
                     handles.append(cap.module.register_forward_hook(self._make_hook(cap, batch, anchor, total)))
                 with torch.inference_mode(False), torch.enable_grad():
-                    outputs = model(*args)
+                    signature = tuple(id(p) for p, flag in zip(params, requires_grad) if flag)
+                    if signature != self._uses_checked_for:  # once per set of trainable parameters
+                        with _ParameterUses(captures, model):
+                            outputs = model(*args)
+                        self._uses_checked_for = signature
+                    else:
+                        outputs = model(*args)
                     losses = loss_fn(outputs, targets)
                     self._check_losses(losses, batch)
-                    self._check_all_called(captures)
                     if self.check_examples_separate:
                         _check_examples_separate(outputs, losses, batch)
                     if captures and losses.requires_grad:
@@ -207,14 +214,6 @@ class GradNormScorer:
             idx = bad.nonzero().flatten()[:10].tolist()
             raise ValueError(f"GradNormScorer: loss_fn returned non-finite losses for examples {idx}")
 
-    @staticmethod
-    def _check_all_called(captures) -> None:
-        for cap in captures:
-            if cap.calls == 0:
-                raise ValueError(
-                    f"GradNormScorer: module '{cap.name}' ({type(cap.module).__name__}) has trainable parameters but "
-                    "was not called in forward (its parameters may be used by another module directly). Freeze it "
-                    "(requires_grad_(False)) if it is unused.")
 
 
 def _check_examples_separate(outputs, losses: torch.Tensor, batch: int) -> None:
@@ -245,6 +244,61 @@ def _check_examples_separate(outputs, losses: torch.Tensor, batch: int) -> None:
                 "(contrastive losses such as InfoNCE, losses normalised over the batch): pass a loss whose i-th "
                 "entry depends on example i alone; or the output is not batch-first (a sequence-first (T, B, ...) "
                 "output): permute it to (B, T, ...) in the model. (check_examples_separate=False skips this check.)")
+
+
+class _ParameterUses(TorchFunctionMode):
+    """Watches one forward pass: every trainable parameter must be consumed inside its own module's
+    forward, where the module's rule accounts for it. A use elsewhere (``F.linear(h, wte.weight)`` for
+    logits, ``h @ emb.weight.T``) adds a term to the parameter's per-example gradient that no rule
+    sees, which would make the norm silently too small: refused, naming the parameter and the use.
+
+    Python-level dispatch on every op costs time, so the scorer watches only its first pass for a
+    given set of trainable parameters (a forward whose parameter uses change from batch to batch
+    would escape the check)."""
+
+    def __init__(self, captures: list[LayerCapture], model: nn.Module):
+        super().__init__()
+        self.owner = {}  # id(parameter) -> (owning module, "module.param" label)
+        for cap in captures:
+            for pname, trainable in cap.trainable.items():
+                if trainable:
+                    self.owner[id(getattr(cap.module, pname))] = (cap.module, f"{cap.name}.{pname}")
+        self.stack: list[nn.Module] = []
+        self.names = {m: (n or "<root>") for n, m in model.named_modules()}
+        self.model = model
+        self.handles = []
+
+    def __enter__(self):
+        def enter(module, args):
+            self.stack.append(module)
+
+        def leave(module, args, output):
+            self.stack.pop()
+
+        for module in self.model.modules():
+            self.handles.append(module.register_forward_pre_hook(enter))
+            self.handles.append(module.register_forward_hook(leave, always_call=True))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for arg in (*args, *kwargs.values()):
+            for t in (arg if isinstance(arg, (list, tuple)) else (arg,)):
+                entry = self.owner.get(id(t)) if isinstance(t, nn.Parameter) else None
+                if entry is not None and (not self.stack or self.stack[-1] is not entry[0]):
+                    where = f"module '{self.names.get(self.stack[-1], '?')}'" if self.stack else "the model's code"
+                    raise UnsupportedModuleError(
+                        f"GradNormScorer: parameter '{entry[1]}' is also used outside its module, by "
+                        f"{getattr(func, '__name__', func)} in {where} (a tied or functional use, e.g. logits "
+                        "F.linear(h, wte.weight)). Its per-example gradient is the sum over all its uses, which "
+                        "the scorer does not compute for such uses: the norm would be too small. Freeze it "
+                        "(requires_grad_(False)), or use the layer itself (call the module) for every use.")
+        return func(*args, **kwargs)
 
 
 class _NormTotal:
