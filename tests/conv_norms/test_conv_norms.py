@@ -547,3 +547,40 @@ def test_scorer_refuses_unbatched_conv_input():
 
     with pytest.raises(ValueError, match=r"module 'conv' \(Conv1d\) got a 2-D input"):
         isgd_kernels.per_example_grad_norms(Unbatched(), lambda o, t: o.sum(1), torch.randn(3, 5), None)
+
+
+@pytest.mark.parametrize("n, kw", [
+    (1, dict(kernel_size=3, stride=2, padding=1, output_padding=1)),
+    (2, dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))),
+    (2, dict(kernel_size=4, stride=2, padding=1, groups=2)),
+    (2, dict(kernel_size=3, stride=1, padding=2, dilation=2, output_padding=1)),  # op < dilation: extra outputs
+    (3, dict(kernel_size=2, stride=2, output_padding=(1, 0, 1))),
+])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_conv_transpose_rule_matches_vmap(n, kw, backend):
+    """ConvTranspose1d/2d/3d (stride, padding, output_padding, dilation, groups) through the conv op with
+    input and output exchanged, in a U-Net-like up/down model, against float64 vmap."""
+    torch.manual_seed(20 + n)
+    cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[n]
+    down = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[n]
+    model = nn.Sequential(down(2, 4, 3, padding=1), nn.Tanh(), cls(4, 6, **kw), nn.Tanh(), nn.Flatten(),
+                          nn.LazyLinear(3)).double()
+    x = torch.randn(5, 2, *([7, 6, 5][:n]), dtype=torch.float64)
+    model(x)  # materialize the lazy layer
+    y = torch.randint(0, 3, (5,))
+    got = isgd_kernels.per_example_grad_norms(model, x, y, xent, backend=backend)
+    assert_close_rel(got, per_example_grad_norms_vmap(model, xent, x, y), 1e-10, f"{n}-D {kw}")
+    model[2].weight.requires_grad_(False)  # bias only
+    got = isgd_kernels.per_example_grad_norms(model, x, y, xent, backend=backend)
+    assert_close_rel(got, per_example_grad_norms_vmap(model, xent, x, y), 1e-10, "bias only")
+
+
+@pytest.mark.parametrize("num_parameters, shape", [(1, (6, 5)), (4, (6, 4)), (4, (6, 4, 3, 2))])
+def test_prelu_rule_matches_vmap(num_parameters, shape):
+    torch.manual_seed(30 + num_parameters)
+    model = nn.Sequential(nn.PReLU(num_parameters, init=0.3), nn.Flatten(), nn.LazyLinear(3)).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    model(x)
+    y = torch.randint(0, 3, (shape[0],))
+    assert_close_rel(isgd_kernels.per_example_grad_norms(model, x, y, xent),
+                     per_example_grad_norms_vmap(model, xent, x, y), 1e-10)

@@ -3,8 +3,9 @@
 | module       | layers                                                         |
 |--------------|----------------------------------------------------------------|
 | linear.py    | nn.Linear                                                      |
-| conv.py      | nn.Conv1d/2d/3d                                                |
+| conv.py      | nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d                      |
 | embedding.py | nn.Embedding                                                   |
-| norm.py      | LayerNorm, RMSNorm, GroupNorm, InstanceNorm, BatchNorm (eval)  |
+| norm.py      | LayerNorm, RMSNorm, GroupNorm, InstanceNorm, BatchNorm (eval), |
+|              | PReLU                                                          |
 """
 from isgd_kernels.scorer.rules import conv, embedding, linear, norm  # noqa: F401  (each registers itself)

@@ -1,4 +1,5 @@
-"""Normalization layers: LayerNorm, RMSNorm, GroupNorm, InstanceNorm, BatchNorm (running statistics).
+"""Normalization layers (LayerNorm, RMSNorm, GroupNorm, InstanceNorm, BatchNorm on running statistics)
+and PReLU: elementwise layers whose per-example parameter gradients are cheap to form directly.
 
 The layer is y = x_hat * w + b with x_hat free of w and b, so per example dW = sum over the
 positions that share a parameter element of delta * x_hat and db = sum of delta: a (B, |param|)
@@ -147,7 +148,25 @@ def batch_norm_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) 
     return _channel_rule(cap, grad_output, x, _running_stats_x_hat(module, x.to(acc), acc), acc)
 
 
+# --------------------------------------------------------------------------------------------- PReLU
+
+def prelu_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> torch.Tensor:
+    """nn.PReLU: y = max(x, 0) + a * min(x, 0), so da_i = sum of delta * min(x, 0) over the positions that
+    share a slope: all of them (num_parameters = 1) or those of one channel (dim 1)."""
+    x = _input_shaped_like(cap, grad_output)
+    acc = accumulation_dtype(x.dtype, grad_output.dtype)
+    contrib = grad_output.to(acc) * x.to(acc).clamp(max=0)
+    batch = x.shape[0]
+    if cap.module.num_parameters == 1:
+        return contrib.reshape(batch, -1).sum(1).square()
+    if x.dim() < 2 or x.shape[1] != cap.module.num_parameters:
+        raise ValueError(f"GradNormScorer: {cap.label} has {cap.module.num_parameters} slopes (one per channel) "
+                         f"but got input {tuple(x.shape)}: the scorer needs a batched input (B, C, ...)")
+    return contrib.reshape(batch, x.shape[1], -1).sum(2).square().sum(1)
+
+
 def _register_all() -> None:
+    register_rule(nn.PReLU, prelu_rule)
     register_rule(nn.LayerNorm, layer_norm_rule)
     if hasattr(nn, "RMSNorm"):  # torch >= 2.4
         register_rule(nn.RMSNorm, rms_norm_rule)
