@@ -13,7 +13,7 @@
 //
 // Draws: one thread per draw, two 64-bit random words -> (row, coin), one table read (threshold,
 // then alias only when the coin rejects). No host synchronisation anywhere.
-#include "alias_cuda.h"
+#include "cuda_launch.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -15,7 +15,7 @@
 
 #include <cstdint>
 
-#include "linear_norms_cuda.h"  // DType
+#include "../linear_norms/cuda_launch.h"  // DType
 
 namespace isgd_kernels {
 namespace cuda {

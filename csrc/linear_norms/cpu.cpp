@@ -24,8 +24,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "../linear_norms.h"
-#include "outer_avx512.h"
+#include "checks.h"
+#include "../common/outer_avx512.h"
 
 namespace isgd_kernels {
 namespace {

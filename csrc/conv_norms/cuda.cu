@@ -19,9 +19,9 @@
 // element so the transposed stores do not conflict.
 // Each block writes one partial sum; the binding sums them in a fixed order (deterministic, no atomics).
 // Accumulation in float (double for double inputs); FMA on CUDA cores, no tensor cores.
-#include "conv_norms_cuda.h"
+#include "cuda_launch.h"
 
-#include "common.cuh"
+#include "../common/cuda/common.cuh"
 
 #include <algorithm>
 #include <cstdint>

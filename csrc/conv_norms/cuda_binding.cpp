@@ -9,8 +9,8 @@
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that one needs the cuBLAS/cuSPARSE headers
 #include <torch/library.h>
 
-#include "../conv_norms.h"
-#include "conv_norms_cuda.h"
+#include "checks.h"
+#include "cuda_launch.h"
 
 namespace isgd_kernels {
 namespace {

@@ -36,8 +36,8 @@
 #include <utility>
 #include <vector>
 
-#include "../conv_norms.h"
-#include "outer_avx512.h"
+#include "checks.h"
+#include "../common/outer_avx512.h"
 
 namespace isgd_kernels {
 namespace {

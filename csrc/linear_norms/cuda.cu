@@ -17,9 +17,9 @@
 //   FMA on CUDA cores, k staged through shared memory in chunks), multiplies them elementwise and
 //   writes one partial; the T x T matrices never reach global memory.
 // Accumulation in float (double for double inputs).
-#include "linear_norms_cuda.h"
+#include "cuda_launch.h"
 
-#include "common.cuh"
+#include "../common/cuda/common.cuh"
 
 #include <algorithm>
 #include <cmath>

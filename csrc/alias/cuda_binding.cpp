@@ -14,7 +14,7 @@
 #include <cmath>
 #include <limits>
 
-#include "alias_cuda.h"
+#include "cuda_launch.h"
 
 namespace isgd_kernels {
 namespace {
