@@ -168,12 +168,12 @@ def test_nvcc_compiles(source, compiled):
 @pytest.mark.parametrize("source", CU_FILES, ids=[_family(p) for p in CU_FILES])
 def test_kernel_resources(source, compiled):
     cmd, returncode, log, _ = compiled[source]
-    if returncode != 0:
-        pytest.fail(f"does not compile (see test_nvcc_compiles): {cmd}")
     kernels = parse_ptxas_report(log)
+    problems = resource_violations(_family(source), kernels)
+    if returncode != 0:  # ptxas still reports what it got through (e.g. the kernel with too much smem)
+        pytest.fail("\n".join([f"does not compile (see test_nvcc_compiles): {cmd}", *problems]))
     for arch in ARCHS:
         assert any(a == f"sm_{arch}" for a, _ in kernels), f"no ptxas report for sm_{arch}:\n{log[-3000:]}"
-    problems = resource_violations(_family(source), kernels)
     assert not problems, f"{source.relative_to(ROOT)}:\n" + "\n".join(problems)
 
 
