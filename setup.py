@@ -1,14 +1,16 @@
 """Build isgd_kernels (+ the `issgd` trainer package under python/).
 
-One extension, ``isgd_kernels._C``:
-  * C++ CPU kernels (csrc/*.cpp, csrc/cpu/*.cpp) are always built;
-  * CUDA kernels (csrc/cuda/*.cu + their torch bindings csrc/cuda/*.cpp) are built when the
-    installed torch has CUDA and nvcc is found. Set ISGD_FORCE_CPU=1 to skip them.
+One extension, ``isgd_kernels._C``, from csrc/ (one folder per op family, plus common/):
+  * the module init and every family's schema and CPU kernels (csrc/*.cpp, csrc/<family>/*.cpp but
+    the CUDA bindings) are always built;
+  * CUDA kernels (csrc/<family>/*.cu + their torch bindings csrc/<family>/*cuda_binding.cpp) are
+    built when the installed torch has CUDA and nvcc is found. Set ISGD_FORCE_CPU=1 to skip them.
 
 Target architectures come from ISGD_CUDA_ARCHS (default "80;90", i.e. A100 and H100/H200),
 e.g. ISGD_CUDA_ARCHS="80;86;90" or "90a". Torch is needed at build time: install it first and
 build with ``pip install --no-build-isolation``.
 """
+import fnmatch
 import glob
 import os
 import sys
@@ -27,21 +29,30 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _sources(*patterns):
+def _sources(*patterns, exclude=None):
     found = []
     for pattern in patterns:
         found += sorted(glob.glob(os.path.join("csrc", pattern)))
-    return found
+    return [f for f in found if not (exclude and fnmatch.fnmatch(os.path.basename(f), exclude))]
+
+
+def cuda_archs():
+    """The SASS targets of the build, e.g. ["80", "90"]: ISGD_CUDA_ARCHS split on ';' or ','.
+
+    tests/test_cuda_sources.py reads this function out of this file (without running setup()) to
+    check the kernels' resource usage for the same targets: keep it free of torch and setuptools.
+    """
+    archs = os.environ.get("ISGD_CUDA_ARCHS", "80;90")
+    return [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
 
 
 def _gencode_flags():
-    archs = os.environ.get("ISGD_CUDA_ARCHS", "80;90")
+    archs = cuda_archs()
     flags = []
-    for arch in filter(None, (a.strip() for a in archs.replace(",", ";").split(";"))):
+    for arch in archs:
         flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     # PTX for the newest listed arch so later GPUs can JIT it.
-    newest = archs.replace(",", ";").split(";")[-1].strip()
-    flags += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
+    flags += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
     return flags
 
 
@@ -58,11 +69,11 @@ def _extension():
     if "backend: OpenMP" in torch.__config__.parallel_info() and sys.platform != "darwin":
         cxx_flags += ["-fopenmp", "-DAT_PARALLEL_OPENMP"]
         link_flags += ["-fopenmp"]
-    sources = _sources("*.cpp", "cpu/*.cpp")
+    sources = _sources("*.cpp", "*/*.cpp", exclude="*cuda_binding.cpp")
     if not with_cuda:
         return CppExtension("isgd_kernels._C", sources, extra_compile_args={"cxx": cxx_flags},
                             extra_link_args=link_flags)
-    sources += _sources("cuda/*.cpp", "cuda/*.cu")
+    sources += _sources("*/*cuda_binding.cpp", "*/*.cu")
     nvcc_flags = ["-O3", "-lineinfo"] + _gencode_flags()
     return CUDAExtension(
         "isgd_kernels._C",

@@ -1,10 +1,10 @@
-// Launchers of the CUDA kernels for the Linear per-example gradient norms (kernels in
-// linear_norms_cuda.cu, torch binding in linear_norms_binding.cpp).
+// Launchers of the CUDA kernels for the Linear per-example gradient norms (kernels in cuda.cu, torch
+// binding in cuda_binding.cpp).
 //
 // Plain C++ on purpose: raw pointers, int64 sizes and strides (in elements), a cudaStream_t.
-// No torch headers, so `nvcc -c linear_norms_cuda.cu` works without a CUDA build of torch.
+// No torch headers, so `nvcc -c cuda.cu` works without a CUDA build of torch.
 //
-// Shape contract (as the op schemas in csrc/linear_norms.cpp): x (B, T, d_in), grad_out (B, T, d_out),
+// Shape contract (as the op schemas in schema.cpp): x (B, T, d_in), grad_out (B, T, d_out),
 // any non-negative strides, both of dtype `dtype`. Results and scratch are in the accumulation
 // type: double for kDouble inputs, float otherwise.
 // The launchers use the current CUDA device (the caller sets it) and return the launch error
@@ -15,10 +15,10 @@
 
 #include <cstdint>
 
+#include "../common/cuda/dtype.h"
+
 namespace isgd_kernels {
 namespace cuda {
-
-enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
 
 // ---- outer (T == 1): out[b] = ||x[b]||^2 ||g[b]||^2 (+ ||g[b]||^2 if bias) ------------------------
 

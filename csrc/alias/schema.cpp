@@ -1,5 +1,5 @@
 // Schemas of the alias-table sampler. Implementations register per device:
-// csrc/cpu/alias_cpu.cpp (CPU) and csrc/cuda/alias_binding.cpp (CUDA); the numerical contract they
+// cpu.cpp (CPU) and cuda_binding.cpp (CUDA), input checks in checks.h; the numerical contract they
 // share (scaling, light/heavy merge, how random words become draws) is written down in
 // isgd_kernels/reference_sampler.py, whose pure-torch functions are the test oracle.
 //

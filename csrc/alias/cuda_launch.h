@@ -1,8 +1,8 @@
-// Launchers of the CUDA kernels of the alias-table sampler (kernels in alias_cuda.cu, torch binding
-// in alias_binding.cpp, numerical contract in isgd_kernels/reference_sampler.py).
+// Launchers of the CUDA kernels of the alias-table sampler (kernels in cuda.cu, torch binding in
+// cuda_binding.cpp, numerical contract in isgd_kernels/reference_sampler.py).
 //
 // Plain C++ on purpose: raw pointers, int64 sizes, a cudaStream_t. No torch headers, so
-// `nvcc -c alias_cuda.cu` works without a CUDA build of torch. The launchers use the current CUDA
+// `nvcc -c cuda.cu` works without a CUDA build of torch. The launchers use the current CUDA
 // device (the caller sets it) and return the launch error (cudaSuccess when there was nothing to do).
 #pragma once
 
@@ -10,11 +10,10 @@
 
 #include <cstdint>
 
+#include "../common/cuda/dtype.h"
+
 namespace isgd_kernels {
 namespace cuda {
-
-// dtype of the weights read by the weighted draw (importance weights = mean / w[i]).
-enum class AliasWeightType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
 
 // Items of the merged light/heavy sequence swept by one thread of alias_sweep.
 constexpr int64_t kAliasChunk = 32;
@@ -36,9 +35,10 @@ cudaError_t alias_sweep(const double* s, const int64_t* light, const int64_t* he
 cudaError_t alias_sample(const double* threshold, const void* alias, bool alias64, int64_t n, const int64_t* bits,
                          int64_t draws, int64_t* out, cudaStream_t stream);
 
-// Draws plus importance weights iw[k] = mean[0] / weights[out[k]] (float32, or float64 if iw64).
+// Draws plus importance weights iw[k] = mean[0] / weights[out[k]] (float32, or float64 if iw64);
+// wtype: the dtype of weights.
 cudaError_t alias_sample_weighted(const double* threshold, const void* alias, bool alias64, int64_t n,
-                                  const void* weights, AliasWeightType wtype, const double* mean,
+                                  const void* weights, DType wtype, const double* mean,
                                   const int64_t* bits, int64_t draws, int64_t* out, void* iw, bool iw64,
                                   cudaStream_t stream);
 

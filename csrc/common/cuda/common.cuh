@@ -1,5 +1,6 @@
-// Device helpers shared by the CUDA norm kernels (linear_norms_cuda.cu, conv_norms_cuda.cu).
-// Torch-free like the .cu files that include it, so `nvcc -c` checks them anywhere.
+// Device helpers shared by the CUDA kernels (csrc/<family>/cuda.cu): block size, accumulation type,
+// conversions, warp / block sums. Torch-free like the .cu files that include it, so `nvcc -c` checks
+// them anywhere.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,10 +9,12 @@
 
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace isgd_kernels {
 namespace cuda {
 
-constexpr int kThreads = 256;              // every norm kernel uses 256-thread blocks
+constexpr int kThreads = 256;              // every kernel uses 256-thread blocks
 constexpr int64_t kMaxGridX = 2147483647;  // gridDim.x limit; larger problems launch in pieces
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -26,6 +29,23 @@ struct AccOf<double> {
 };
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Host side: f(ElementOf<T>{}) with T the element type of dtype (__half, __nv_bfloat16, float,
+// double); what f returns, or cudaErrorInvalidValue for an unknown dtype.
+template <typename T>
+struct ElementOf {
+  using type = T;
+};
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kHalf: return f(ElementOf<__half>{});
+    case DType::kBFloat16: return f(ElementOf<__nv_bfloat16>{});
+    case DType::kFloat: return f(ElementOf<float>{});
+    case DType::kDouble: return f(ElementOf<double>{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }

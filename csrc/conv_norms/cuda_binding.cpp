@@ -1,7 +1,6 @@
-// CUDA implementation of _conv_grad_sq_norms (schema in csrc/conv_norms.cpp): checks the inputs,
-// allocates the partial sums on the current stream and calls the torch-free launcher of
-// conv_norms_cuda.cu. Strides go to the kernels as they are: no .contiguous() copies.
-// Compiled and checked with nvcc only so far; it has not run on a GPU yet.
+// CUDA implementation of _conv_grad_sq_norms (schema in schema.cpp): checks the inputs, allocates the
+// partial sums on the current stream and calls the torch-free launcher of cuda.cu. Strides go to the
+// kernels as they are: no .contiguous() copies.
 #ifdef ISGD_WITH_CUDA
 
 #include <ATen/ATen.h>
@@ -9,23 +8,14 @@
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that one needs the cuBLAS/cuSPARSE headers
 #include <torch/library.h>
 
-#include "../conv_norms.h"
-#include "conv_norms_cuda.h"
+#include "../common/cuda_binding.h"
+#include "checks.h"
+#include "cuda_launch.h"
 
 namespace isgd_kernels {
 namespace {
 
 constexpr const char* kOp = "_conv_grad_sq_norms";
-
-cuda::DType launcher_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return cuda::DType::kHalf;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    case at::kFloat: return cuda::DType::kFloat;
-    case at::kDouble: return cuda::DType::kDouble;
-    default: TORCH_CHECK(false, kOp, ": unsupported dtype ", t, " (expected float16, bfloat16, float32 or float64)");
-  }
-}
 
 cuda::ConvProblem problem_of(const ConvGeometry& geo) {
   cuda::ConvProblem p{};
@@ -60,18 +50,17 @@ at::Tensor conv_grad_sq_norms_cuda(const at::Tensor& x, const at::Tensor& grad_o
   const cuda::ConvMethod launch_method = (how == ConvMethod::kMaterialize && geo.T > 1)
                                              ? cuda::ConvMethod::kMaterialize
                                              : cuda::ConvMethod::kGhost;
-  const cuda::DType dtype = launcher_dtype(x.scalar_type());
+  const cuda::DType dtype = launcher_dtype(x.scalar_type(), kOp);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const auto opts = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
   if (geo.B == 0) return at::empty({0}, opts);
   const cuda::ConvProblem problem = problem_of(geo);
   const int64_t n_partials = cuda::conv_sq_norms_num_partials(launch_method, problem);
   auto partial = at::empty({geo.B, geo.groups * n_partials}, opts);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const cudaError_t err = cuda::conv_sq_norms_partials(dtype, launch_method, x.const_data_ptr(),
-                                                       grad_out.const_data_ptr(), partial.mutable_data_ptr(),
-                                                       problem, bias, stream);
-  TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+  check_launch(cuda::conv_sq_norms_partials(dtype, launch_method, x.const_data_ptr(), grad_out.const_data_ptr(),
+                                            partial.mutable_data_ptr(), problem, bias, stream),
+               kOp);
   return partial.sum(1);
 }
 

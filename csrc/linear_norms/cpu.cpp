@@ -1,17 +1,12 @@
-// CPU kernels for the Linear per-example gradient norms (schemas in csrc/linear_norms.cpp).
+// CPU kernels for the Linear per-example gradient norms (schemas in schema.cpp).
 //
 // outer:       one fused, vectorisable pass over x and grad_out, parallel over examples.
 // ghost:       per chunk of examples, Gram matrices by batched GEMM; chunks keep the T x T
 //              temporaries under kChunkElements so memory stays bounded for any B.
 // materialize: on AVX-512 CPUs (fp32, fp16/bf16 widened by chunks), the outer-product blocks of
 //              outer_avx512.h (shared with the conv kernel), one example per item, in parallel: no
-//              per-example gradient is written to memory. Two threads (Zen 4), fp32, bias, ms with
-//              bmm -> now, and the dW GEMM of a training step, for B, T, d, p:
-//              32,128,64,192: 1.70 -> 0.47 (dW 0.58); 32,128,64,64: 0.24 -> 0.16 (0.22);
-//              32,128,64,256: 0.90 -> 0.63 (0.79); 32,128,256,64: 0.81 -> 0.61 (0.77);
-//              8,512,64,256: 0.86 -> 0.61 (0.79); 16,512,256,256: 8.95 -> 5.25 (5.89);
-//              64,16,512,512: 48.7 -> 2.53 (2.77); 128,4,64,10: 0.045 -> 0.016 (0.014).
-//              Elsewhere (float64, fewer examples than threads, g features strided, no AVX-512): per
+//              per-example gradient is written to memory (faster than the bmm path below, and than
+//              the dW GEMM of a training step, on the shapes benchmarked). Elsewhere (float64, fewer examples than threads, g features strided, no AVX-512): per
 //              chunk, the per-example gradients G_i^T A_i by batched GEMM, squared and summed.
 // Accumulation is in float32 (float64 for float64 inputs); half/bf16 chunks are upcast before GEMM.
 #include <ATen/ATen.h>
@@ -24,18 +19,14 @@
 #include <type_traits>
 #include <vector>
 
-#include "../linear_norms.h"
-#include "outer_avx512.h"
+#include "checks.h"
+#include "../common/outer_avx512.h"
 
 namespace isgd_kernels {
 namespace {
 
 // Temporaries per chunk (elements of the Gram / per-example-gradient batch): 16M fp32 = 64 MiB.
 constexpr int64_t kChunkElements = int64_t(1) << 24;
-
-at::ScalarType acc_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 template <typename scalar_t, typename acc_t>
 inline acc_t row_sq_sum(const scalar_t* row, int64_t n, int64_t stride) {
@@ -48,8 +39,7 @@ inline acc_t row_sq_sum(const scalar_t* row, int64_t n, int64_t stride) {
     return s;
   }
   // Independent lanes let the compiler vectorise the reduction without -ffast-math (a single
-  // scalar accumulator is a serial dependency chain): 1.53 -> 0.24 ms single-threaded on
-  // 8192 rows of 256 fp32 (g++ -O3, x86-64 baseline SSE2).
+  // scalar accumulator is a serial dependency chain; g++ -O3, x86-64 baseline SSE2).
   constexpr int kLanes = 16;
   acc_t lanes[kLanes] = {};
   int64_t j = 0;
@@ -195,11 +185,10 @@ class OuterLinear {
 };
 
 // The outer-product path over all examples. fp32 x is read in place whatever its strides, and fp32 g when
-// its rows are contiguous (a copy per example pads them, cheaper than aten ops at tiny sizes: 0.024 ->
-// 0.015 ms at B, T, d, p = 128, 4, 64, 10); otherwise chunks of examples are first copied by aten
-// (vectorised, threaded) into float32, g into rows padded with zeros to a multiple of 16; temporaries stay
-// under ~kChunkElements floats. (Widening element by element per example in the worker made fp16 slower
-// than the bmm path: 0.87 -> 1.26 ms at B, T, d, p = 32, 128, 64, 192.)
+// its rows are contiguous (a copy per example pads them, cheaper than aten ops at tiny sizes); otherwise
+// chunks of examples are first copied by aten (vectorised, threaded) into float32, g into rows padded
+// with zeros to a multiple of 16; temporaries stay under ~kChunkElements floats. (Widening element by
+// element per example in the worker made fp16 slower than the bmm path.)
 void linear_sq_norms_outer_blocks(const at::Tensor& x, const at::Tensor& g, bool bias, float* out) {
   const int64_t B = x.size(0), T = x.size(1), d = x.size(2), p = g.size(2), ldp = (p + 15) / 16 * 16;
   const bool x_direct = x.scalar_type() == at::kFloat;

@@ -1,10 +1,10 @@
 // Input checks and geometry shared by the CPU and CUDA implementations of _conv_grad_sq_norms
-// (schema and shape contract in conv_norms.cpp). Header-only, like linear_norms.h.
+// (schema and shape contract in schema.cpp). Header-only, like linear_norms/checks.h.
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <cstring>
+#include "../common/tensor_checks.h"
 
 namespace isgd_kernels {
 
@@ -47,11 +47,7 @@ inline ConvGeometry conv_geometry(const at::Tensor& x, const at::Tensor& g, at::
               x.sizes());
   TORCH_CHECK(g.dim() == x.dim(), op, ": grad_out must have the rank of x, got x ", x.sizes(), " and grad_out ",
               g.sizes());
-  TORCH_CHECK(x.scalar_type() == g.scalar_type(), op, ": x and grad_out must have the same dtype, got ",
-              x.scalar_type(), " and ", g.scalar_type());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": expected a floating dtype, got ", x.scalar_type());
-  TORCH_CHECK(x.device() == g.device(), op, ": x and grad_out must be on the same device, got x on ", x.device(),
-              " and grad_out on ", g.device());
+  check_same_floating(x, g, op);
   const int64_t n = x.dim() - 2;
   TORCH_CHECK(static_cast<int64_t>(kernel_size.size()) == n && static_cast<int64_t>(stride.size()) == n &&
                   static_cast<int64_t>(dilation.size()) == n && static_cast<int64_t>(padding.size()) == 2 * n,

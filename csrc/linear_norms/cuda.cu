@@ -1,4 +1,4 @@
-// CUDA kernels for the Linear per-example gradient norms (launchers declared in linear_norms_cuda.h).
+// CUDA kernels for the Linear per-example gradient norms (launchers declared in cuda_launch.h).
 // No torch headers here: `nvcc -c` compiles this file on a machine without a CUDA build of torch.
 //
 // outer (T == 1): ||g_b||^2 = ||a_b||^2 ||delta_b||^2 (+ ||delta_b||^2 for the bias). One read of x and
@@ -17,9 +17,10 @@
 //   FMA on CUDA cores, k staged through shared memory in chunks), multiplies them elementwise and
 //   writes one partial; the T x T matrices never reach global memory.
 // Accumulation in float (double for double inputs).
-#include "linear_norms_cuda.h"
+#include "cuda_launch.h"
 
-#include "common.cuh"
+#include "../common/cuda/common.cuh"
+#include "../common/cuda/ghost_pairs.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -38,14 +39,39 @@ __host__ __device__ constexpr int64_t max64(int64_t a, int64_t b) { return a > b
 // Element conversion and 16-byte vector helpers.
 
 // Low / high 16-bit halves of a 32-bit word, widened to float (exact for both formats).
-__device__ __forceinline__ float half_lo(unsigned w) { return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu))); }
-__device__ __forceinline__ float half_hi(unsigned w) { return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16))); }
-__device__ __forceinline__ float bf16_lo(unsigned w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float bf16_hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
-
-// Sum of squares of the elements packed in one 16-byte vector.
 template <typename T>
-struct Vec16;
+struct Halves;
+template <>
+struct Halves<__half> {
+  __device__ static __forceinline__ float lo(unsigned w) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
+  }
+  __device__ static __forceinline__ float hi(unsigned w) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+  }
+};
+template <>
+struct Halves<__nv_bfloat16> {
+  __device__ static __forceinline__ float lo(unsigned w) { return __uint_as_float(w << 16); }
+  __device__ static __forceinline__ float hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
+};
+
+// Sum of squares of the elements packed in one 16-byte vector: 8 fp16 / bf16 values here, 4 floats or
+// 2 doubles in the specialisations below.
+template <typename T>
+struct Vec16 {
+  static constexpr int kElems = 8;
+  __device__ static __forceinline__ float sq(const uint4& r) {
+    float s = 0.f;
+    const unsigned w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float lo = Halves<T>::lo(w[i]), hi = Halves<T>::hi(w[i]);
+      s += lo * lo + hi * hi;
+    }
+    return s;
+  }
+};
 template <>
 struct Vec16<float> {
   static constexpr int kElems = 4;
@@ -61,34 +87,6 @@ struct Vec16<double> {
     const double a = __hiloint2double(static_cast<int>(r.y), static_cast<int>(r.x));
     const double b = __hiloint2double(static_cast<int>(r.w), static_cast<int>(r.z));
     return a * a + b * b;
-  }
-};
-template <>
-struct Vec16<__half> {
-  static constexpr int kElems = 8;
-  __device__ static __forceinline__ float sq(const uint4& r) {
-    float s = 0.f;
-    const unsigned w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float lo = half_lo(w[i]), hi = half_hi(w[i]);
-      s += lo * lo + hi * hi;
-    }
-    return s;
-  }
-};
-template <>
-struct Vec16<__nv_bfloat16> {
-  static constexpr int kElems = 8;
-  __device__ static __forceinline__ float sq(const uint4& r) {
-    float s = 0.f;
-    const unsigned w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float lo = bf16_lo(w[i]), hi = bf16_hi(w[i]);
-      s += lo * lo + hi * hi;
-    }
-    return s;
   }
 };
 
@@ -269,13 +267,10 @@ __device__ __forceinline__ void load_quad_vec(const double* p, double (&v)[4]) {
   const double2 q1 = __ldg(reinterpret_cast<const double2*>(p) + 1);
   v[0] = q0.x; v[1] = q0.y; v[2] = q1.x; v[3] = q1.y;
 }
-__device__ __forceinline__ void load_quad_vec(const __half* p, float (&v)[4]) {
+template <typename T>  // __half, __nv_bfloat16
+__device__ __forceinline__ void load_quad_vec(const T* p, float (&v)[4]) {
   const uint2 q = __ldg(reinterpret_cast<const uint2*>(p));
-  v[0] = half_lo(q.x); v[1] = half_hi(q.x); v[2] = half_lo(q.y); v[3] = half_hi(q.y);
-}
-__device__ __forceinline__ void load_quad_vec(const __nv_bfloat16* p, float (&v)[4]) {
-  const uint2 q = __ldg(reinterpret_cast<const uint2*>(p));
-  v[0] = bf16_lo(q.x); v[1] = bf16_hi(q.x); v[2] = bf16_lo(q.y); v[3] = bf16_hi(q.y);
+  v[0] = Halves<T>::lo(q.x); v[1] = Halves<T>::hi(q.x); v[2] = Halves<T>::lo(q.y); v[3] = Halves<T>::hi(q.y);
 }
 
 // Elements (t, k..k+3) of one example's (T, K) matrix, zero outside it. `vec`: unit k-stride, K % 4 == 0
@@ -377,17 +372,11 @@ ghost_kernel(const T* __restrict__ x, const T* __restrict__ g, typename AccOf<T>
   __shared__ __align__(16) Acc s_row[G::kTileElems];
   __shared__ __align__(16) Acc s_col[G::kTileElems];
 
-  const int64_t num_pairs = n_tiles * (n_tiles + 1) / 2;
+  const int64_t num_pairs = num_tile_pairs(n_tiles);
   const int64_t blk = blockIdx.x;
   const int64_t b = blk / num_pairs;
-  // Pair index -> (i, j), j <= i, of the lower triangle counted from the end, then mirrored.
-  // sqrt in double is exact enough for r < 2^31; the two loops fix any off-by-one.
-  const int64_t r = num_pairs - 1 - (blk - b * num_pairs);
-  int64_t i = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(r) + 1.0) - 1.0) * 0.5);
-  while (i > 0 && i * (i + 1) / 2 > r) --i;
-  while ((i + 1) * (i + 2) / 2 <= r) ++i;
-  const int64_t j = r - i * (i + 1) / 2;
-  const int64_t t_tile = n_tiles - 1 - i, s_tile = n_tiles - 1 - j;  // s_tile >= t_tile
+  int64_t t_tile, s_tile;  // s_tile >= t_tile
+  tile_pair(n_tiles, blk - b * num_pairs, t_tile, s_tile);
   const bool diag = t_tile == s_tile;
   const int64_t t0 = t_tile * G::kBT, s0 = s_tile * G::kBT;
 
@@ -395,13 +384,8 @@ ghost_kernel(const T* __restrict__ x, const T* __restrict__ g, typename AccOf<T>
   gram_tile<T, Acc, RM>(x + b * sxb, nt, d, sxt, sxd, vec_x, t0, s0, diag, s_row, s_col, ga);
   gram_tile<T, Acc, RM>(g + b * sgb, nt, p, sgt, sgd, vec_g, t0, s0, diag, s_row, s_col, gg);
 
-  Acc local = 0;
-#pragma unroll
-  for (int rr = 0; rr < RM; ++rr)
-#pragma unroll
-    for (int c = 0; c < RM; ++c) local += ga[rr][c] * gg[rr][c] + (bias ? gg[rr][c] : Acc(0));
-  local = block_sum(local);
-  if (threadIdx.x == 0) partial[blk] = diag ? local : Acc(2) * local;
+  const Acc local = ghost_pair_partial(ga, gg, bias, diag);
+  if (threadIdx.x == 0) partial[blk] = local;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -507,7 +491,7 @@ cudaError_t launch_ghost_rm(const T* x, const T* g, typename AccOf<T>::type* par
                             int64_t p, int64_t sxb, int64_t sxt, int64_t sxd, int64_t sgb, int64_t sgt, int64_t sgd,
                             bool bias, cudaStream_t stream) {
   const int64_t n_tiles = ceil_div(nt, 16 * RM);
-  const int64_t num_pairs = n_tiles * (n_tiles + 1) / 2;
+  const int64_t num_pairs = num_tile_pairs(n_tiles);
   if (num_pairs > kMaxGridX) return cudaErrorInvalidConfiguration;  // T > ~4M: not a Linear layer
   const bool vec_x = quad_vectorisable(x, sizeof(T), B, nt, d, sxb, sxt, sxd);
   const bool vec_g = quad_vectorisable(g, sizeof(T), B, nt, p, sgb, sgt, sgd);
@@ -556,29 +540,17 @@ cudaError_t linear_sq_norms_outer(DType dtype, const void* x, const void* grad_o
                                   int64_t stride_gb, int64_t stride_gd, bool bias, cudaStream_t stream) {
   if (B <= 0) return cudaSuccess;
   if (d_in < 0 || d_out < 0) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::kHalf:
-      return launch_outer(static_cast<const __half*>(x), static_cast<const __half*>(grad_out), static_cast<float*>(out),
-                          workspace, B, d_in, d_out, stride_xb, stride_xd, stride_gb, stride_gd, bias, stream);
-    case DType::kBFloat16:
-      return launch_outer(static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(grad_out),
-                          static_cast<float*>(out), workspace, B, d_in, d_out, stride_xb, stride_xd, stride_gb,
-                          stride_gd, bias, stream);
-    case DType::kFloat:
-      return launch_outer(static_cast<const float*>(x), static_cast<const float*>(grad_out), static_cast<float*>(out),
-                          workspace, B, d_in, d_out, stride_xb, stride_xd, stride_gb, stride_gd, bias, stream);
-    case DType::kDouble:
-      return launch_outer(static_cast<const double*>(x), static_cast<const double*>(grad_out),
-                          static_cast<double*>(out), workspace, B, d_in, d_out, stride_xb, stride_xd, stride_gb,
-                          stride_gd, bias, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto elem) {
+    using T = typename decltype(elem)::type;
+    return launch_outer(static_cast<const T*>(x), static_cast<const T*>(grad_out),
+                        static_cast<typename AccOf<T>::type*>(out), workspace, B, d_in, d_out, stride_xb, stride_xd,
+                        stride_gb, stride_gd, bias, stream);
+  });
 }
 
 int64_t linear_sq_norms_ghost_num_partials(int64_t T) {
   if (T <= 0) return 0;
-  const int64_t n_tiles = ceil_div(T, 16 * ghost_rm(T));
-  return n_tiles * (n_tiles + 1) / 2;
+  return num_tile_pairs(ceil_div(T, 16 * ghost_rm(T)));
 }
 
 cudaError_t linear_sq_norms_ghost_partials(DType dtype, const void* x, const void* grad_out, void* partial,
@@ -588,25 +560,12 @@ cudaError_t linear_sq_norms_ghost_partials(DType dtype, const void* x, const voi
                                            cudaStream_t stream) {
   if (B <= 0 || T <= 0) return cudaSuccess;  // nothing to write: B x 0 partials
   if (d_in < 0 || d_out < 0) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::kHalf:
-      return launch_ghost(static_cast<const __half*>(x), static_cast<const __half*>(grad_out),
-                          static_cast<float*>(partial), B, T, d_in, d_out, stride_xb, stride_xt, stride_xd, stride_gb,
-                          stride_gt, stride_gd, bias, stream);
-    case DType::kBFloat16:
-      return launch_ghost(static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(grad_out),
-                          static_cast<float*>(partial), B, T, d_in, d_out, stride_xb, stride_xt, stride_xd, stride_gb,
-                          stride_gt, stride_gd, bias, stream);
-    case DType::kFloat:
-      return launch_ghost(static_cast<const float*>(x), static_cast<const float*>(grad_out),
-                          static_cast<float*>(partial), B, T, d_in, d_out, stride_xb, stride_xt, stride_xd, stride_gb,
-                          stride_gt, stride_gd, bias, stream);
-    case DType::kDouble:
-      return launch_ghost(static_cast<const double*>(x), static_cast<const double*>(grad_out),
-                          static_cast<double*>(partial), B, T, d_in, d_out, stride_xb, stride_xt, stride_xd, stride_gb,
-                          stride_gt, stride_gd, bias, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto elem) {
+    using E = typename decltype(elem)::type;  // (T is the sequence length here)
+    return launch_ghost(static_cast<const E*>(x), static_cast<const E*>(grad_out),
+                        static_cast<typename AccOf<E>::type*>(partial), B, T, d_in, d_out, stride_xb, stride_xt,
+                        stride_xd, stride_gb, stride_gt, stride_gd, bias, stream);
+  });
 }
 
 }  // namespace cuda

@@ -1,8 +1,5 @@
-// CPU kernels of the alias-table sampler (schemas in csrc/alias.cpp, numerical contract in
-// isgd_kernels/reference_sampler.py).
-//
-// Build: PSA (Hübschle-Schneider & Sanders 2019) -- the merged light/heavy sequence is split into
-// chunks that are swept independently.
+// PSA build of the CPU alias table (Hübschle-Schneider & Sanders 2019): the merged light/heavy
+// sequence is split into chunks that are swept independently.
 //   pass 1  sum / min / max per block of kBlock items (SIMD); only a block whose min, max or sum is
 //           suspicious is rescanned, so ValueError still names the first bad index;
 //   pass 2  s = N q of every item into the threshold buffer (final for lights), heavy bit mask, and
@@ -11,96 +8,32 @@
 //           four at a time per thread (independent dependency chains); a step places the run of up
 //           to 4 lights below the current heavy's key with two SIMD compares.
 // Work is claimed dynamically (blocks in passes 1-2, chunk groups in the sweep), so a thread whose
-// core another process is using takes less of it. Instructions per item at N = 1e6 (float32,
-// callgrind): ~44 (pass 1: 2.5, pass 2: 9.5, sweep: 32), from ~90 with one item per sweep step; at
-// N = 1e7 on one core ~35 ms (pass 1: 2.4, pass 2: 7, sweep: 26), from ~147 (in-place rebuild).
-// Fresh tables are large (120 MB at N = 1e7) and first-touch page faults cost as much as a build
-// (~35 ms per 80 MB with 4 KiB pages on the reference VM), so fresh buffers are advised to use
-// transparent huge pages (~10 ms per 80 MB) and rebuilds reuse the buffers.
-//
-// Draws: one pass over the random words; rows of a group are computed and prefetched before the
-// coins are resolved, so the random table reads overlap.
+// core another process is using takes less of it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <exception>
 #include <limits>
 #include <memory>
-#include <mutex>
-#include <thread>
+#include <utility>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-// SSE2 is part of the x86-64 baseline; elsewhere (or with ISGD_ALIAS_PORTABLE defined, to test that
-// path on x86) the same build runs as plain scalar code.
-#if defined(__SSE2__) && !defined(ISGD_ALIAS_PORTABLE)
-#define ISGD_ALIAS_SSE2 1
-#include <emmintrin.h>
-#endif
+#include "checks.h"
+#include "cpu.h"
+#include "cpu_pool.h"
+#include "cpu_simd.h"
 
 namespace isgd_kernels {
+namespace alias_table {
 namespace {
 
 constexpr int64_t kBlock = 1024;               // items per summary block (counts, prefix sums)
 constexpr int64_t kClaim = 32;                 // blocks per dynamic claim in passes 1 and 2
 constexpr int64_t kMinItemsPerChunk = 1 << 16;  // below this a chunk's start-up costs more than it saves
 constexpr int64_t kPrefetchWords = 4;          // how far ahead a stream prefetches s (64-item words)
-constexpr int64_t kDrawGrain = 1 << 15;        // draws per parallel task
-constexpr double kTinyMax = 0x1p-960;          // below: 1/m would overflow, pre-scale by 2^600
-constexpr double kPrescale = 0x1p600;
-constexpr double kTwoPowM53 = 0x1p-53;
-
-// Scalar min / max as one instruction (GCC turned std::max on doubles into compare-and-jump, which
-// mispredicts on every other item when light and heavy items interleave).
-#ifdef ISGD_ALIAS_SSE2
-inline double max_d(double a, double b) { return _mm_cvtsd_f64(_mm_max_sd(_mm_set_sd(a), _mm_set_sd(b))); }
-inline double min_d(double a, double b) { return _mm_cvtsd_f64(_mm_min_sd(_mm_set_sd(a), _mm_set_sd(b))); }
-inline double hsum(__m128d v) { return _mm_cvtsd_f64(v) + _mm_cvtsd_f64(_mm_unpackhi_pd(v, v)); }
-inline double hmax(__m128d v) { return std::max(_mm_cvtsd_f64(v), _mm_cvtsd_f64(_mm_unpackhi_pd(v, v))); }
-inline double hmin(__m128d v) { return std::min(_mm_cvtsd_f64(v), _mm_cvtsd_f64(_mm_unpackhi_pd(v, v))); }
-#else
-inline double max_d(double a, double b) { return a > b ? a : b; }
-inline double min_d(double a, double b) { return a < b ? a : b; }
-#endif
-
-// Without -mpopcnt, __builtin_popcountll is a libgcc call.
-inline int64_t popcount64(uint64_t x) {
-  x = x - ((x >> 1) & 0x5555555555555555ull);
-  x = (x & 0x3333333333333333ull) + ((x >> 2) & 0x3333333333333333ull);
-  x = (x + (x >> 4)) & 0x0f0f0f0f0f0f0f0full;
-  return static_cast<int64_t>((x * 0x0101010101010101ull) >> 56);
-}
-
-// Positions of the set bits of each byte value (padded to 8) and their number: extracting the items
-// of one class from a mask word costs ~11 instructions per byte instead of ~7 per item.
-struct BytePositions {
-  alignas(16) int32_t pos[256][8];
-  uint8_t count[256];
-  constexpr BytePositions() : pos(), count() {
-    for (int b = 0; b < 256; ++b) {
-      int c = 0;
-      for (int k = 0; k < 8; ++k)
-        if (b & (1 << k)) pos[b][c++] = k;
-      count[b] = static_cast<uint8_t>(c);
-    }
-  }
-};
-constexpr BytePositions kBytePos{};
-
-// Two-sum: a + b = s + err exactly.
-inline void two_sum(double a, double b, double& s, double& err) {
-  s = a + b;
-  const double bb = s - a;
-  err = (a - (s - bb)) + (b - bb);
-}
 
 // Weights -> s = N q (mean 1): s(w) = min((w * pre) * k, cs), pre = 2^600 only when 1/m would
 // overflow (m = max weight), k = cs / (m * pre) rounded up until the largest weight gives exactly
@@ -112,88 +45,10 @@ struct Scale {
   inline double operator()(double w) const { return min_d((w * pre) * k, cs); }
 };
 
-void advise_huge_pages(const at::Tensor& t) {
-#ifdef __linux__
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t hi = end & ~(kHuge - 1);
-  if (hi > lo + kHuge) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // best effort
-#else
-  (void)t;
-#endif
-}
-
-at::ScalarType alias_dtype(int64_t n) { return n < (int64_t(1) << 31) ? at::kInt : at::kLong; }
-
-void check_weights_meta(const at::Tensor& w) {
-  TORCH_CHECK_VALUE(w.dim() == 1, "weights must be 1-D, got a tensor of shape ", w.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(w.scalar_type()), "weights must have a floating dtype, got ",
-                    w.scalar_type());
-  TORCH_CHECK_VALUE(w.numel() > 0, "weights is empty: need at least one category");
-  TORCH_CHECK(w.device().is_cpu(), "_alias_build (CPU): weights must be a CPU tensor, got ", w.device());
-}
-
 // Threads for a pass over `items` items: at least kMinItemsPerChunk each.
 int64_t num_threads_for(int64_t items) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items / kMinItemsPerChunk));
 }
-
-// f(i) for i in [0, count), claimed one index at a time by this thread and up to threads - 1 helper
-// tasks on the inter-op pool; returns once every index is done. A helper that starts after all
-// indices are claimed only touches the shared counters, so the caller never waits for a helper that
-// has not started. (With at::parallel_for, every parallel region waited for all its workers: on a
-// machine where another process kept both cores busy, 4-8 ms per region, more than a whole pass.)
-template <typename F>
-void for_claimed(int64_t count, int64_t threads, const F& f) {
-  threads = std::min(threads, count);
-  if (threads <= 1 || at::in_parallel_region()) {
-    for (int64_t i = 0; i < count; ++i) f(i);
-    return;
-  }
-  struct Shared {
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mu;
-    std::exception_ptr error;  // the first exception, rethrown by the caller (the pool drops them)
-  };
-  auto sh = std::make_shared<Shared>();
-  auto work = [sh, count, &f] {
-    for (int64_t i; (i = sh->next.fetch_add(1, std::memory_order_relaxed)) < count;) {
-      try {
-        f(i);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(sh->mu);
-        if (!sh->error) sh->error = std::current_exception();
-      }
-      sh->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) at::launch(work);
-  work();
-  while (sh->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
-  if (sh->error) std::rethrow_exception(sh->error);
-}
-
-#ifdef ISGD_ALIAS_SSE2
-// Four weights as two pairs of doubles.
-template <typename T>
-inline void load4(const T* p, __m128d& a, __m128d& b) {
-  a = _mm_set_pd(static_cast<double>(p[1]), static_cast<double>(p[0]));
-  b = _mm_set_pd(static_cast<double>(p[3]), static_cast<double>(p[2]));
-}
-template <>
-inline void load4<float>(const float* p, __m128d& a, __m128d& b) {
-  const __m128 x = _mm_loadu_ps(p);
-  a = _mm_cvtps_pd(x);
-  b = _mm_cvtps_pd(_mm_movehl_ps(x, x));
-}
-template <>
-inline void load4<double>(const double* p, __m128d& a, __m128d& b) {
-  a = _mm_loadu_pd(p);
-  b = _mm_loadu_pd(p + 2);
-}
-#endif
 
 inline bool is_bad(double v) { return !(v >= 0.0) || v > std::numeric_limits<double>::max(); }
 
@@ -594,7 +449,7 @@ struct Builder {
         if (((wi + 1) << 6) > n) bits &= (uint64_t(1) << (n & 63)) - 1;
         const int64_t c0 = c, base = wi << 6;
         // s of the items kPrefetchWords words ahead (8 lines per word): the key loop below waited on
-        // these loads (sweep at N = 1e7 on one core: 32 -> 28 ms; 2 or 8 words ahead: ~29 ms).
+        // these loads (4 words ahead measured best against 2 and 8).
         for (int64_t j = 0; j < 8; ++j) __builtin_prefetch(sp + std::min(base + 64 * kPrefetchWords + 8 * j, n - 1));
 #ifdef ISGD_ALIAS_SSE2
         if constexpr (sizeof(I) == 4) {
@@ -841,9 +696,8 @@ struct Builder {
 
   void build() {
     summaries();
-    // Chunks are swept kGroup at a time per thread (independent dependency chains: 2 at a time
-    // took 33 ms at N = 1e7 on one core, 4 at a time 30 ms, 1 at a time 43 ms), 4 groups per
-    // thread, claimed dynamically: a thread slowed down by another process leaves groups to the
+    // Chunks are swept kGroup at a time per thread (independent dependency chains: 4 at a time
+    // measured best against 1 and 2), 4 groups per thread, claimed dynamically: a thread slowed down by another process leaves groups to the
     // others. A group finds its own chunk starts (a start shared by two groups is computed twice,
     // identically): a co-rank costs ~24 probes of a block search, a few words and one word's items.
     constexpr int64_t kGroup = 4;
@@ -877,13 +731,8 @@ double build_typed(const at::Tensor& weights, at::Tensor& threshold, at::Tensor&
   const T* w = weights.const_data_ptr<T>();
   const int64_t n = weights.numel();
   const Pass1 p1 = validate_max_sum(w, n);
-  if (p1.first_bad >= 0) {
-    const double v = static_cast<double>(w[p1.first_bad]);
-    const char* kind = std::isnan(v) ? "NaN" : (std::isinf(v) ? "infinite" : "negative");
-    TORCH_CHECK_VALUE(false, "weights[", p1.first_bad, "] is ", kind, " (", v,
-                      "); weights must be finite and non-negative");
-  }
-  TORCH_CHECK_VALUE(p1.mx > 0.0, "all weights are zero: there is nothing to sample");
+  if (p1.first_bad >= 0) throw_bad_weight(p1.first_bad, static_cast<double>(w[p1.first_bad]));
+  check_some_positive(p1.mx > 0.0);
 
   Scale sc;
   sc.m = p1.mx;
@@ -912,19 +761,9 @@ double build_typed(const at::Tensor& weights, at::Tensor& threshold, at::Tensor&
   return sc.m / sc.cs;  // mean: importance weight of i is mean / w_i
 }
 
-at::Tensor alias_build_into_cpu(const at::Tensor& weights_in, at::Tensor& threshold, at::Tensor& alias) {
-  check_weights_meta(weights_in);
-  const int64_t n = weights_in.numel();
-  TORCH_CHECK(threshold.device().is_cpu() && alias.device().is_cpu(), "_alias_build_into: table buffers must be on CPU");
-  TORCH_CHECK(threshold.scalar_type() == at::kDouble && threshold.dim() == 1 && threshold.numel() == n &&
-                  threshold.is_contiguous(),
-              "_alias_build_into: threshold must be a contiguous float64 tensor of shape (", n, ")");
-  TORCH_CHECK((alias.scalar_type() == at::kInt || alias.scalar_type() == at::kLong) && alias.dim() == 1 &&
-                  alias.numel() == n && alias.is_contiguous(),
-              "_alias_build_into: alias must be a contiguous int32/int64 tensor of shape (", n, ")");
-  TORCH_CHECK(alias.scalar_type() == at::kLong || n < (int64_t(1) << 31),
-              "_alias_build_into: N >= 2^31 needs an int64 alias buffer");
-  const at::Tensor weights = weights_in.contiguous();
+}  // namespace
+
+double build_table_cpu(const at::Tensor& weights, at::Tensor& threshold, at::Tensor& alias) {
   double mean = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights.scalar_type(), "_alias_build_cpu", [&] {
     if (alias.scalar_type() == at::kInt) {
@@ -933,120 +772,8 @@ at::Tensor alias_build_into_cpu(const at::Tensor& weights_in, at::Tensor& thresh
       mean = build_typed<scalar_t, int64_t>(weights, threshold, alias);
     }
   });
-  return at::scalar_tensor(mean, weights.options().dtype(at::kDouble));
+  return mean;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> alias_build_cpu(const at::Tensor& weights) {
-  check_weights_meta(weights);
-  const int64_t n = weights.numel();
-  auto threshold = at::empty({n}, weights.options().dtype(at::kDouble));
-  auto alias = at::empty({n}, weights.options().dtype(alias_dtype(n)));
-  advise_huge_pages(threshold);
-  advise_huge_pages(alias);
-  auto mean = alias_build_into_cpu(weights, threshold, alias);
-  return {threshold, alias, mean};
-}
-
-void check_table(const at::Tensor& threshold, const at::Tensor& alias, const at::Tensor& bits, const char* op) {
-  TORCH_CHECK(threshold.device().is_cpu() && alias.device().is_cpu() && bits.device().is_cpu(), op,
-              ": expected CPU tensors");
-  TORCH_CHECK(threshold.scalar_type() == at::kDouble && threshold.dim() == 1 && threshold.is_contiguous() &&
-                  threshold.numel() > 0,
-              op, ": threshold must be a non-empty contiguous float64 vector");
-  TORCH_CHECK((alias.scalar_type() == at::kInt || alias.scalar_type() == at::kLong) && alias.dim() == 1 &&
-                  alias.is_contiguous() && alias.numel() == threshold.numel(),
-              op, ": alias must be a contiguous int32/int64 vector as long as threshold");
-  TORCH_CHECK(bits.scalar_type() == at::kLong && bits.dim() == 2 && bits.size(1) == 2 && bits.is_contiguous(), op,
-              ": bits must be a contiguous int64 tensor of shape (n, 2), got ", bits.sizes());
-}
-
-// Draws [k0, k1): rows of a group of kGroup draws first (and their table entries prefetched), then
-// the coins, so up to kGroup random reads are in flight instead of one.
-template <typename I>
-inline void draw_range(const double* thr, const I* al, const uint64_t* bits, int64_t* out, int64_t k0, int64_t k1,
-                       int64_t n) {
-  constexpr int64_t kGroup = 16;
-  const double nd = static_cast<double>(n);
-  int64_t rows[kGroup];
-  for (int64_t g = k0; g < k1; g += kGroup) {
-    const int64_t m = std::min(kGroup, k1 - g);
-    for (int64_t q = 0; q < m; ++q) {
-      const double u0 = static_cast<double>(bits[2 * (g + q)] >> 11) * kTwoPowM53;
-      const int64_t row = std::min(static_cast<int64_t>(u0 * nd), n - 1);
-      rows[q] = row;
-      __builtin_prefetch(thr + row);
-      __builtin_prefetch(al + row);
-    }
-    for (int64_t q = 0; q < m; ++q) {
-      const double u1 = static_cast<double>(bits[2 * (g + q) + 1] >> 11) * kTwoPowM53;
-      const int64_t row = rows[q];
-      out[g + q] = u1 < thr[row] ? row : static_cast<int64_t>(al[row]);
-    }
-  }
-}
-
-void draw_all(const at::Tensor& threshold, const at::Tensor& alias, const at::Tensor& bits, int64_t* out) {
-  const int64_t draws = bits.size(0), n = threshold.numel();
-  const double* thr = threshold.const_data_ptr<double>();
-  const uint64_t* b = reinterpret_cast<const uint64_t*>(bits.const_data_ptr<int64_t>());
-  auto run = [&](auto* al) {
-    if (draws < 2 * kDrawGrain) {
-      draw_range(thr, al, b, out, 0, draws, n);  // the common training-batch case: no thread hand-off
-    } else {
-      const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), draws / kDrawGrain));
-      for_claimed(tasks, tasks, [&](int64_t t) { draw_range(thr, al, b, out, draws * t / tasks, draws * (t + 1) / tasks, n); });
-    }
-  };
-  if (alias.scalar_type() == at::kInt) {
-    run(alias.const_data_ptr<int32_t>());
-  } else {
-    run(alias.const_data_ptr<int64_t>());
-  }
-}
-
-at::Tensor alias_sample_cpu(const at::Tensor& threshold, const at::Tensor& alias, const at::Tensor& bits) {
-  check_table(threshold, alias, bits, "_alias_sample");
-  auto out = at::empty({bits.size(0)}, bits.options());
-  draw_all(threshold, alias, bits, out.mutable_data_ptr<int64_t>());
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> alias_sample_weighted_cpu(const at::Tensor& threshold, const at::Tensor& alias,
-                                                             const at::Tensor& weights, const at::Tensor& mean,
-                                                             const at::Tensor& bits, at::ScalarType dtype) {
-  check_table(threshold, alias, bits, "_alias_sample_weighted");
-  TORCH_CHECK(weights.device().is_cpu() && weights.dim() == 1 && weights.numel() == threshold.numel() &&
-                  at::isFloatingType(weights.scalar_type()),
-              "_alias_sample_weighted: weights must be the table's (N,) floating CPU weights");
-  TORCH_CHECK(mean.numel() == 1 && mean.device().is_cpu(), "_alias_sample_weighted: mean must be a CPU scalar tensor");
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "_alias_sample_weighted: dtype must be float32 or float64");
-  const int64_t draws = bits.size(0);
-  auto idx = at::empty({draws}, bits.options());
-  auto iw = at::empty({draws}, bits.options().dtype(dtype));
-  int64_t* ip = idx.mutable_data_ptr<int64_t>();
-  draw_all(threshold, alias, bits, ip);
-  const double mu = mean.to(at::kDouble).item<double>();
-  const at::Tensor w = weights.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "_alias_sample_weighted_cpu", [&] {
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    if (dtype == at::kFloat) {
-      float* o = iw.mutable_data_ptr<float>();
-      for (int64_t k = 0; k < draws; ++k) o[k] = static_cast<float>(mu / static_cast<double>(wp[ip[k]]));
-    } else {
-      double* o = iw.mutable_data_ptr<double>();
-      for (int64_t k = 0; k < draws; ++k) o[k] = mu / static_cast<double>(wp[ip[k]]);
-    }
-  });
-  return {idx, iw};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(isgd_kernels, CPU, m) {
-  m.impl("_alias_build", &alias_build_cpu);
-  m.impl("_alias_build_into", &alias_build_into_cpu);
-  m.impl("_alias_sample", &alias_sample_cpu);
-  m.impl("_alias_sample_weighted", &alias_sample_weighted_cpu);
-}
-
+}  // namespace alias_table
 }  // namespace isgd_kernels

@@ -1,8 +1,10 @@
 // Input checks shared by the CPU and CUDA implementations of the Linear norm ops (schemas and shape
-// contract in linear_norms.cpp). Header-only so the CUDA binding can use it without linking order.
+// contract in schema.cpp). Header-only so the CUDA binding can use it without linking order.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include "../common/tensor_checks.h"
 
 namespace isgd_kernels {
 
@@ -11,11 +13,7 @@ inline void check_linear_norm_inputs(const at::Tensor& x, const at::Tensor& g, c
               x.sizes(), " and grad_out ", g.sizes());
   TORCH_CHECK(x.size(0) == g.size(0) && x.size(1) == g.size(1), op,
               ": x and grad_out must agree on (B, T), got x ", x.sizes(), " and grad_out ", g.sizes());
-  TORCH_CHECK(x.scalar_type() == g.scalar_type(), op, ": x and grad_out must have the same dtype, got ",
-              x.scalar_type(), " and ", g.scalar_type());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": expected a floating dtype, got ", x.scalar_type());
-  TORCH_CHECK(x.device() == g.device(), op, ": x and grad_out must be on the same device, got x on ", x.device(),
-              " and grad_out on ", g.device());
+  check_same_floating(x, g, op);
 }
 
 }  // namespace isgd_kernels

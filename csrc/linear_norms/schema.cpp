@@ -1,5 +1,5 @@
 // Schemas of the Linear per-example gradient-norm kernels. Implementations register per device:
-// csrc/cpu/linear_norms_cpu.cpp (CPU) and csrc/cuda/linear_norms_binding.cpp (CUDA).
+// cpu.cpp (CPU) and cuda_binding.cpp (CUDA), input checks in checks.h.
 // Shape contract, shared by all three: x (B, T, d_in) and grad_out (B, T, d_out), any strides;
 // result (B,) float32 (float64 for float64 inputs): ||dL_i/dW||^2 (+ ||dL_i/db||^2 if bias).
 #include <torch/library.h>

@@ -1,6 +1,6 @@
-// CUDA implementations of the Linear per-example gradient-norm ops (schemas in csrc/linear_norms.cpp).
+// CUDA implementations of the Linear per-example gradient-norm ops (schemas in schema.cpp).
 // Checks the inputs, allocates outputs and scratch on the current stream, and calls the torch-free
-// launchers of linear_norms_cuda.cu. Strides go to the kernels as they are: no .contiguous() copies.
+// launchers of cuda.cu. Strides go to the kernels as they are: no .contiguous() copies.
 // (_linear_sq_norms_materialize has no CUDA kernel yet: it is not registered for CUDA here.)
 #ifdef ISGD_WITH_CUDA
 
@@ -9,8 +9,9 @@
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that one needs the cuBLAS/cuSPARSE headers
 #include <torch/library.h>
 
-#include "../linear_norms.h"
-#include "linear_norms_cuda.h"
+#include "../common/cuda_binding.h"
+#include "checks.h"
+#include "cuda_launch.h"
 
 namespace isgd_kernels {
 namespace {
@@ -18,24 +19,6 @@ namespace {
 void check_inputs(const at::Tensor& x, const at::Tensor& g, const char* op) {
   check_linear_norm_inputs(x, g, op);
   TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors, got x on ", x.device());
-}
-
-cuda::DType launcher_dtype(at::ScalarType t, const char* op) {
-  switch (t) {
-    case at::kHalf: return cuda::DType::kHalf;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    case at::kFloat: return cuda::DType::kFloat;
-    case at::kDouble: return cuda::DType::kDouble;
-    default: TORCH_CHECK(false, op, ": unsupported dtype ", t, " (expected float16, bfloat16, float32 or float64)");
-  }
-}
-
-at::ScalarType acc_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
 at::Tensor linear_sq_norms_outer_cuda(const at::Tensor& x, const at::Tensor& g, bool bias) {

@@ -1,5 +1,5 @@
 // The AVX-512 outer-product microkernel shared by the CPU conv and Linear norm kernels
-// (conv_norms_cpu.cpp, linear_norms_cpu.cpp): ||U^T G||_F^2 for U^T (d, T) and G (T, p) without writing
+// (conv_norms/cpu.cpp, linear_norms/cpu.cpp): ||U^T G||_F^2 for U^T (d, T) and G (T, p) without writing
 // U^T G to memory when it fits in registers block by block.
 //
 // Compiled for AVX-512 whatever the build flags (the build does not pass -mavx512f); callers check

@@ -1,7 +1,7 @@
-// CUDA implementations of the alias-table ops (schemas in csrc/alias.cpp). The build validates the
-// weights and computes the scaled weights, light/heavy lists and prefix sums with ATen (the same
-// formulas as isgd_kernels/reference_sampler.py; the host syncs here are for validation errors and
-// list sizes, and only in the build), then calls the torch-free launchers of alias_cuda.cu for the
+// CUDA implementations of the alias-table ops (schemas in schema.cpp, input checks in checks.h). The
+// build validates the weights and computes the scaled weights, light/heavy lists and prefix sums with
+// ATen (the same formulas as isgd_kernels/reference_sampler.py; the host syncs here are for validation
+// errors and list sizes, and only in the build), then calls the torch-free launchers of cuda.cu for the
 // PSA split + sweep. The draws are single kernels on the current stream, without host sync.
 #ifdef ISGD_WITH_CUDA
 
@@ -11,50 +11,33 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
 
-#include "alias_cuda.h"
+#include "../common/cuda_binding.h"
+#include "checks.h"
+#include "cuda_launch.h"
 
 namespace isgd_kernels {
 namespace {
 
-constexpr double kTinyMax = 0x1p-960;
-constexpr double kPrescale = 0x1p600;
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
-at::ScalarType alias_dtype(int64_t n) { return n < (int64_t(1) << 31) ? at::kInt : at::kLong; }
+using alias_table::kPrescale;
+using alias_table::kTinyMax;
 
 void validate(const at::Tensor& w) {
-  TORCH_CHECK_VALUE(w.dim() == 1, "weights must be 1-D, got a tensor of shape ", w.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(w.scalar_type()), "weights must have a floating dtype, got ", w.scalar_type());
-  TORCH_CHECK_VALUE(w.numel() > 0, "weights is empty: need at least one category");
-  TORCH_CHECK(w.is_cuda(), "_alias_build (CUDA): weights must be a CUDA tensor, got ", w.device());
+  alias_table::check_weights_meta(w, at::kCUDA);
   const at::Tensor ok = at::logical_and(w.ge(0), w.ne(std::numeric_limits<double>::infinity()));
   if (!ok.all().item<bool>()) {
     const int64_t i = at::logical_not(ok).to(at::kByte).argmax().item<int64_t>();
-    const double v = w[i].item<double>();
-    const char* kind = std::isnan(v) ? "NaN" : (std::isinf(v) ? "infinite" : "negative");
-    TORCH_CHECK_VALUE(false, "weights[", i, "] is ", kind, " (", v, "); weights must be finite and non-negative");
+    alias_table::throw_bad_weight(i, w[i].item<double>());
   }
-  TORCH_CHECK_VALUE(w.gt(0).any().item<bool>(), "all weights are zero: there is nothing to sample");
+  alias_table::check_some_positive(w.gt(0).any().item<bool>());
 }
 
 at::Tensor alias_build_into_cuda(const at::Tensor& weights, at::Tensor& threshold, at::Tensor& alias) {
   validate(weights);
+  alias_table::check_build_buffers(weights, threshold, alias);
   const c10::cuda::CUDAGuard guard(weights.device());
   const int64_t n = weights.numel();
-  TORCH_CHECK(threshold.is_cuda() && threshold.scalar_type() == at::kDouble && threshold.dim() == 1 &&
-                  threshold.numel() == n && threshold.is_contiguous(),
-              "_alias_build_into: threshold must be a contiguous float64 CUDA tensor of shape (", n, ")");
-  TORCH_CHECK(alias.is_cuda() && (alias.scalar_type() == at::kInt || alias.scalar_type() == at::kLong) &&
-                  alias.dim() == 1 && alias.numel() == n && alias.is_contiguous(),
-              "_alias_build_into: alias must be a contiguous int32/int64 CUDA tensor of shape (", n, ")");
-  TORCH_CHECK(alias.scalar_type() == at::kLong || n < (int64_t(1) << 31),
-              "_alias_build_into: N >= 2^31 needs an int64 alias buffer");
 
   // Scaling: exactly reference_sampler.alias_scale.
   const at::Tensor w64 = weights.to(at::kDouble).contiguous();
@@ -92,30 +75,16 @@ at::Tensor alias_build_into_cuda(const at::Tensor& weights, at::Tensor& threshol
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> alias_build_cuda(const at::Tensor& weights) {
-  TORCH_CHECK_VALUE(weights.dim() == 1, "weights must be 1-D, got a tensor of shape ", weights.sizes());
+  alias_table::check_weights_meta(weights, at::kCUDA);
   const int64_t n = weights.numel();
   auto threshold = at::empty({n}, weights.options().dtype(at::kDouble));
-  auto alias = at::empty({n}, weights.options().dtype(alias_dtype(n)));
+  auto alias = at::empty({n}, weights.options().dtype(alias_table::alias_dtype(n)));
   auto mean = alias_build_into_cuda(weights, threshold, alias);
   return {threshold, alias, mean};
 }
 
-void check_table(const at::Tensor& threshold, const at::Tensor& alias, const at::Tensor& bits, const char* op) {
-  TORCH_CHECK(threshold.is_cuda() && alias.is_cuda() && bits.is_cuda(), op, ": expected CUDA tensors");
-  TORCH_CHECK(threshold.get_device() == alias.get_device() && threshold.get_device() == bits.get_device(), op,
-              ": table and bits must be on the same device");
-  TORCH_CHECK(threshold.scalar_type() == at::kDouble && threshold.dim() == 1 && threshold.is_contiguous() &&
-                  threshold.numel() > 0,
-              op, ": threshold must be a non-empty contiguous float64 vector");
-  TORCH_CHECK((alias.scalar_type() == at::kInt || alias.scalar_type() == at::kLong) && alias.dim() == 1 &&
-                  alias.is_contiguous() && alias.numel() == threshold.numel(),
-              op, ": alias must be a contiguous int32/int64 vector as long as threshold");
-  TORCH_CHECK(bits.scalar_type() == at::kLong && bits.dim() == 2 && bits.size(1) == 2 && bits.is_contiguous(), op,
-              ": bits must be a contiguous int64 tensor of shape (n, 2), got ", bits.sizes());
-}
-
 at::Tensor alias_sample_cuda(const at::Tensor& threshold, const at::Tensor& alias, const at::Tensor& bits) {
-  check_table(threshold, alias, bits, "_alias_sample");
+  alias_table::check_table(threshold, alias, bits, "_alias_sample", at::kCUDA);
   const c10::cuda::CUDAGuard guard(threshold.device());
   auto out = at::empty({bits.size(0)}, bits.options());
   check_launch(cuda::alias_sample(threshold.const_data_ptr<double>(), alias.const_data_ptr(),
@@ -126,37 +95,27 @@ at::Tensor alias_sample_cuda(const at::Tensor& threshold, const at::Tensor& alia
   return out;
 }
 
-cuda::AliasWeightType weight_type(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return cuda::AliasWeightType::kHalf;
-    case at::kBFloat16: return cuda::AliasWeightType::kBFloat16;
-    case at::kFloat: return cuda::AliasWeightType::kFloat;
-    case at::kDouble: return cuda::AliasWeightType::kDouble;
-    default: TORCH_CHECK(false, "_alias_sample_weighted: unsupported weights dtype ", t);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> alias_sample_weighted_cuda(const at::Tensor& threshold, const at::Tensor& alias,
                                                               const at::Tensor& weights, const at::Tensor& mean,
                                                               const at::Tensor& bits, at::ScalarType dtype) {
-  check_table(threshold, alias, bits, "_alias_sample_weighted");
-  TORCH_CHECK(weights.is_cuda() && weights.dim() == 1 && weights.numel() == threshold.numel() &&
-                  weights.is_contiguous(),
-              "_alias_sample_weighted: weights must be the table's contiguous (N,) CUDA weights");
-  TORCH_CHECK(mean.is_cuda() && mean.numel() == 1 && mean.scalar_type() == at::kDouble,
-              "_alias_sample_weighted: mean must be a float64 CUDA scalar tensor");
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "_alias_sample_weighted: dtype must be float32 or float64");
+  constexpr const char* op = "_alias_sample_weighted";
+  alias_table::check_table(threshold, alias, bits, op, at::kCUDA);
+  alias_table::check_weighted_args(threshold, weights, mean, dtype);
+  // The kernel reads both in place (the CPU implementation copies them when needed).
+  TORCH_CHECK(weights.is_contiguous() && mean.scalar_type() == at::kDouble, op,
+              ": on CUDA, weights must be contiguous and mean float64");
+  const cuda::DType wtype = launcher_dtype(weights.scalar_type(), op);
   const c10::cuda::CUDAGuard guard(threshold.device());
   const int64_t draws = bits.size(0);
   auto idx = at::empty({draws}, bits.options());
   auto iw = at::empty({draws}, bits.options().dtype(dtype));
   check_launch(cuda::alias_sample_weighted(threshold.const_data_ptr<double>(), alias.const_data_ptr(),
                                            alias.scalar_type() == at::kLong, threshold.numel(),
-                                           weights.const_data_ptr(), weight_type(weights.scalar_type()),
+                                           weights.const_data_ptr(), wtype,
                                            mean.const_data_ptr<double>(), bits.const_data_ptr<int64_t>(), draws,
                                            idx.mutable_data_ptr<int64_t>(), iw.data_ptr(), dtype == at::kDouble,
                                            c10::cuda::getCurrentCUDAStream().stream()),
-               "_alias_sample_weighted");
+               op);
   return {idx, iw};
 }
 

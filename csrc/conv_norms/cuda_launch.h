@@ -1,10 +1,10 @@
 // Launchers of the CUDA kernels for the per-example gradient norms of a convolution (kernels in
-// conv_norms_cuda.cu, torch binding in conv_norms_binding.cpp).
+// cuda.cu, torch binding in cuda_binding.cpp).
 //
 // Plain C++ on purpose: raw pointers, int64 sizes and strides (in elements), a cudaStream_t. No torch
-// headers, so `nvcc -c conv_norms_cuda.cu` works without a CUDA build of torch.
+// headers, so `nvcc -c cuda.cu` works without a CUDA build of torch.
 //
-// Shape contract (as the op schema in csrc/conv_norms.cpp), every rank seen as 3-D: x (B, C_in, D, H, W),
+// Shape contract (as the op schema in schema.cpp), every rank seen as 3-D: x (B, C_in, D, H, W),
 // grad_out (B, C_out, OD, OH, OW), any non-negative strides, both of dtype `dtype`. Results are in the
 // accumulation type: double for kDouble inputs, float otherwise.
 // The launchers use the current CUDA device (the caller sets it) and return the launch error
@@ -15,7 +15,7 @@
 
 #include <cstdint>
 
-#include "linear_norms_cuda.h"  // DType
+#include "../common/cuda/dtype.h"
 
 namespace isgd_kernels {
 namespace cuda {

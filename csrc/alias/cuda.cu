@@ -1,4 +1,4 @@
-// CUDA kernels of the alias-table sampler (launchers declared in alias_cuda.h; no torch headers).
+// CUDA kernels of the alias-table sampler (launchers declared in cuda_launch.h; no torch headers).
 //
 // Build (PSA, Hübschle-Schneider & Sanders 2019; GPU form as Lehmann et al. 2021): the binding
 // computes the scaled weights, the light/heavy index lists and their prefix sums with ATen; here
@@ -13,18 +13,13 @@
 //
 // Draws: one thread per draw, two 64-bit random words -> (row, coin), one table read (threshold,
 // then alias only when the coin rejects). No host synchronisation anywhere.
-#include "alias_cuda.h"
+#include "cuda_launch.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "../common/cuda/common.cuh"
 
 namespace isgd_kernels {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 __global__ void alias_split_kernel(const double* __restrict__ kl, const double* __restrict__ kh, int64_t n,
                                    int64_t A, int64_t B, int64_t num_bounds, int64_t* __restrict__ arank) {
@@ -71,11 +66,6 @@ __global__ void alias_sweep_kernel(const double* __restrict__ s, const int64_t* 
   }
 }
 
-__device__ __forceinline__ double to_double(float v) { return static_cast<double>(v); }
-__device__ __forceinline__ double to_double(double v) { return v; }
-__device__ __forceinline__ double to_double(__half v) { return static_cast<double>(__half2float(v)); }
-__device__ __forceinline__ double to_double(__nv_bfloat16 v) { return static_cast<double>(__bfloat162float(v)); }
-
 __device__ __forceinline__ double unit_from_bits(int64_t word) {
   // Top 53 bits as a float64 in [0, 1): exact, the same on every backend.
   return __dmul_rn(static_cast<double>(static_cast<unsigned long long>(word) >> 11), 1.1102230246251565e-16);
@@ -108,7 +98,7 @@ __global__ void alias_sample_weighted_kernel(const double* __restrict__ threshol
   if (k >= draws) return;
   const int64_t i = draw_one(threshold, alias, n, bits, k);
   out[k] = i;
-  iw[k] = static_cast<O>(__ddiv_rn(mean[0], to_double(weights[i])));
+  iw[k] = static_cast<O>(__ddiv_rn(mean[0], static_cast<double>(to_acc(weights[i]))));
 }
 
 template <typename I, typename W>
@@ -130,19 +120,12 @@ cudaError_t launch_weighted(const double* threshold, const void* alias, int64_t 
 
 template <typename I>
 cudaError_t launch_weighted_w(const double* threshold, const void* alias, int64_t n, const void* weights,
-                              AliasWeightType wtype, const double* mean, const int64_t* bits, int64_t draws,
+                              DType wtype, const double* mean, const int64_t* bits, int64_t draws,
                               int64_t* out, void* iw, bool iw64, cudaStream_t stream) {
-  switch (wtype) {
-    case AliasWeightType::kHalf:
-      return launch_weighted<I, __half>(threshold, alias, n, weights, mean, bits, draws, out, iw, iw64, stream);
-    case AliasWeightType::kBFloat16:
-      return launch_weighted<I, __nv_bfloat16>(threshold, alias, n, weights, mean, bits, draws, out, iw, iw64, stream);
-    case AliasWeightType::kFloat:
-      return launch_weighted<I, float>(threshold, alias, n, weights, mean, bits, draws, out, iw, iw64, stream);
-    case AliasWeightType::kDouble:
-    default:
-      return launch_weighted<I, double>(threshold, alias, n, weights, mean, bits, draws, out, iw, iw64, stream);
-  }
+  return dispatch_dtype(wtype, [&](auto elem) {
+    using W = typename decltype(elem)::type;
+    return launch_weighted<I, W>(threshold, alias, n, weights, mean, bits, draws, out, iw, iw64, stream);
+  });
 }
 
 }  // namespace
@@ -185,7 +168,7 @@ cudaError_t alias_sample(const double* threshold, const void* alias, bool alias6
 }
 
 cudaError_t alias_sample_weighted(const double* threshold, const void* alias, bool alias64, int64_t n,
-                                  const void* weights, AliasWeightType wtype, const double* mean,
+                                  const void* weights, DType wtype, const double* mean,
                                   const int64_t* bits, int64_t draws, int64_t* out, void* iw, bool iw64,
                                   cudaStream_t stream) {
   if (draws <= 0) return cudaSuccess;

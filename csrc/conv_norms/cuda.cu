@@ -1,7 +1,5 @@
-// CUDA kernels for the per-example gradient norms of a convolution (launchers in conv_norms_cuda.h).
+// CUDA kernels for the per-example gradient norms of a convolution (launchers in cuda_launch.h).
 // No torch headers here: `nvcc -c` compiles this file on a machine without a CUDA build of torch.
-// Compiled and checked with nvcc only so far: these kernels have not run on a GPU yet (the tests run
-// them against the float64 reference wherever a CUDA device exists).
 //
 // Work item = (example b, group g), the Linear problem U (T, d), G (T, p) of isgd_kernels.conv, with
 // d = C_in/groups * prod(k), p = C_out/groups. U is never stored: implicit im2col, every element of a
@@ -19,9 +17,10 @@
 // element so the transposed stores do not conflict.
 // Each block writes one partial sum; the binding sums them in a fixed order (deterministic, no atomics).
 // Accumulation in float (double for double inputs); FMA on CUDA cores, no tensor cores.
-#include "conv_norms_cuda.h"
+#include "cuda_launch.h"
 
-#include "common.cuh"
+#include "../common/cuda/common.cuh"
+#include "../common/cuda/ghost_pairs.cuh"
 
 #include <algorithm>
 #include <cstdint>
@@ -204,17 +203,11 @@ ghost_kernel(const T* __restrict__ x, const T* __restrict__ g, typename AccOf<T>
   __shared__ Acc s_row[kStep][BT + 1];
   __shared__ Acc s_col[kStep][BT + 1];
 
-  const int64_t num_pairs = n_tiles * (n_tiles + 1) / 2;
+  const int64_t num_pairs = num_tile_pairs(n_tiles);
   const int64_t blk = first_block + blockIdx.x;
   const int64_t item = blk / num_pairs;
-  // Pair index -> (i, j), j <= i, of the lower triangle counted from the end, then mirrored (as the
-  // Linear ghost kernel); the two loops fix any rounding of the sqrt.
-  const int64_t r = num_pairs - 1 - (blk - item * num_pairs);
-  int64_t i = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(r) + 1.0) - 1.0) * 0.5);
-  while (i > 0 && i * (i + 1) / 2 > r) --i;
-  while ((i + 1) * (i + 2) / 2 <= r) ++i;
-  const int64_t j = r - i * (i + 1) / 2;
-  const int64_t t_tile = n_tiles - 1 - i, s_tile = n_tiles - 1 - j;  // s_tile >= t_tile
+  int64_t t_tile, s_tile;  // s_tile >= t_tile
+  tile_pair(n_tiles, blk - item * num_pairs, t_tile, s_tile);
   const bool diag = t_tile == s_tile;
   const int64_t t0 = t_tile * BT, s0 = s_tile * BT;
 
@@ -227,13 +220,8 @@ ghost_kernel(const T* __restrict__ x, const T* __restrict__ g, typename AccOf<T>
   gram_tile<T, RM, Source::kGrad>(gg, P, P.pg, t0, s0, diag, s_row, s_col, gd);
 
   // Positions past T were staged as zeros, so their Gram entries (bias term included) are zero.
-  Acc local = Acc(0);
-#pragma unroll
-  for (int rr = 0; rr < RM; ++rr)
-#pragma unroll
-    for (int c = 0; c < RM; ++c) local += ga[rr][c] * gd[rr][c] + (bias ? gd[rr][c] : Acc(0));
-  local = block_sum(local);
-  if (threadIdx.x == 0) partial[blk] = diag ? local : Acc(2) * local;
+  const Acc local = ghost_pair_partial(ga, gd, bias, diag);
+  if (threadIdx.x == 0) partial[blk] = local;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -272,7 +260,7 @@ template <typename T, int RM>
 cudaError_t launch_ghost_rm(const T* x, const T* g, typename AccOf<T>::type* partial, const ConvProblem& P, bool bias,
                             cudaStream_t stream) {
   const int64_t n_tiles = tiles(P.T, RM);
-  const int64_t blocks = P.B * P.groups * (n_tiles * (n_tiles + 1) / 2);
+  const int64_t blocks = P.B * P.groups * num_tile_pairs(n_tiles);
   for (int64_t first = 0; first < blocks; first += kMaxGridX) {
     const int64_t n = std::min(kMaxGridX, blocks - first);
     ghost_kernel<T, RM><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(x, g, partial, P, n_tiles, first, bias);
@@ -302,8 +290,7 @@ cudaError_t launch(ConvMethod method, const T* x, const T* g, typename AccOf<T>:
 int64_t conv_sq_norms_num_partials(ConvMethod method, const ConvProblem& P) {
   if (P.T <= 0) return 0;
   if (method == ConvMethod::kGhost) {
-    const int64_t n = tiles(P.T, tile_mult(P.T));
-    return n * (n + 1) / 2;
+    return num_tile_pairs(tiles(P.T, tile_mult(P.T)));
   }
   return tiles(P.pg, tile_mult(P.pg)) * tiles(P.K, tile_mult(P.K));
 }
@@ -312,21 +299,11 @@ cudaError_t conv_sq_norms_partials(DType dtype, ConvMethod method, const void* x
                                    void* partial, const ConvProblem& P, bool bias, cudaStream_t stream) {
   if (P.B <= 0 || P.groups <= 0 || P.T <= 0) return cudaSuccess;  // nothing to write
   if (P.cg <= 0 || P.pg <= 0 || P.K <= 0) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::kHalf:
-      return launch(method, static_cast<const __half*>(x), static_cast<const __half*>(grad_out),
-                    static_cast<float*>(partial), P, bias, stream);
-    case DType::kBFloat16:
-      return launch(method, static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(grad_out),
-                    static_cast<float*>(partial), P, bias, stream);
-    case DType::kFloat:
-      return launch(method, static_cast<const float*>(x), static_cast<const float*>(grad_out),
-                    static_cast<float*>(partial), P, bias, stream);
-    case DType::kDouble:
-      return launch(method, static_cast<const double*>(x), static_cast<const double*>(grad_out),
-                    static_cast<double*>(partial), P, bias, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto elem) {
+    using T = typename decltype(elem)::type;
+    return launch(method, static_cast<const T*>(x), static_cast<const T*>(grad_out),
+                  static_cast<typename AccOf<T>::type*>(partial), P, bias, stream);
+  });
 }
 
 }  // namespace cuda

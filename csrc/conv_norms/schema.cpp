@@ -1,5 +1,5 @@
 // Schema of the convolution per-example gradient-norm kernel. Implementations register per device:
-// csrc/cpu/conv_norms_cpu.cpp (CPU) and csrc/cuda/conv_norms_binding.cpp (CUDA).
+// cpu.cpp (CPU) and cuda_binding.cpp (CUDA), input checks in checks.h.
 // Shape contract: x (B, C_in, *S), grad_out (B, C_out, *O) with 1, 2 or 3 spatial dims, any strides,
 // same floating dtype; kernel_size, stride, dilation: one value per spatial dim; padding: two per
 // spatial dim, per side [lo_0, hi_0, lo_1, hi_1, ...] (zero padding); groups divides C_in and C_out.

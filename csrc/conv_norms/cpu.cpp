@@ -1,4 +1,4 @@
-// CPU kernel for the per-example gradient norms of a convolution (schema in csrc/conv_norms.cpp).
+// CPU kernel for the per-example gradient norms of a convolution (schema in schema.cpp).
 //
 // Work item = (example b, group g): the Linear problem U (T, d), G (T, p) of isgd_kernels.conv, with
 // d = C_in/groups * prod(k) and p = C_out/groups. Items run in parallel (at::parallel_for), each thread
@@ -10,9 +10,7 @@
 //     x is copied into a zero-padded buffer that holds every entry of U^T (row (c, kd, kh, kw) = a
 //     pointer, position = an offset: no im2col), G is packed (T, p) by 16 x 16 transposes, and blocks of
 //     rows x channels (6 x 64, 14 x 32, 12 x 16) accumulate in registers over all positions, squared at
-//     the end. Benchmark CNN, B = 64, two threads, 3->32 / 32->64 / 64->64 convs: 0.69 / 3.23 / 2.03 ms
-//     with the dot blocks along positions this replaced, 0.70 / 2.80 / 1.43 ms now (~90% of the FMA
-//     peak on the last two; aten's batched dW: 0.78 / 3.0 / 1.8 ms).
+//     the end.
 //   - otherwise: patches are gathered from x by index arithmetic (implicit im2col: rows (c, kd, kh, kw)
 //     of U^T, contiguous runs of x rows) for a chunk of output positions at a time into the thread's
 //     buffer, and one BLAS GEMM (at::mm) accumulates W^T; ||W||_F^2 at the end.
@@ -36,8 +34,8 @@
 #include <utility>
 #include <vector>
 
-#include "../conv_norms.h"
-#include "outer_avx512.h"
+#include "checks.h"
+#include "../common/outer_avx512.h"
 
 namespace isgd_kernels {
 namespace {
@@ -45,25 +43,21 @@ namespace {
 constexpr const char* kOp = "_conv_grad_sq_norms";
 
 // Elements of one gathered (d, chunk) buffer: 2^20 (4 MiB fp32) per thread. Larger GEMMs beat keeping
-// the chunk in L2 here: benchmark CNN, B = 64, one thread, d = 288 / 577: 2^16 elements 30.9 / 16.2 ms,
-// 2^18 30.9 / 15.5 ms, 2^20 29.3 / 15.5 ms (MKL sgemm, the aten dW of the same layers: 29.0 / 12.5 ms).
+// the chunk in L2 here (benchmark CNN, MKL sgemm: 2^20 against 2^16 and 2^18).
 constexpr int64_t kChunkElements = int64_t(1) << 20;
 // Shortest chunk for a GEMM call when d is very large (the k dimension of the GEMM).
 constexpr int64_t kMinChunk = 64;
 // Elements of one Gram strip (rows x T) in the ghost path, and its most rows: strips below the diagonal
-// are skipped, so short strips do about T^2 / 2 of the T^2 work (T = 64, d = 577, p = 64, B = 64, two
-// threads: one 64-row strip 2.42 ms, 32 rows 2.18 ms, 16 rows 2.26 ms, 8 rows 2.90 ms).
+// are skipped, so short strips do about T^2 / 2 of the T^2 work (32 rows measured best against 8, 16
+// and 64).
 constexpr int64_t kStripElements = int64_t(1) << 16;
 constexpr int64_t kStripRows = 32;
-// T * (d + bias) * p up to which dot loops beat a GEMM call per item: depthwise 3x3, 64 channels,
-// 16 x 16, B = 64: 7.9 ms with at::mm, 4.5 ms with dot loops (one thread).
+// T * (d + bias) * p up to which dot loops beat a GEMM call per item (e.g. depthwise 3x3 convs).
 constexpr int64_t kDirectWork = int64_t(1) << 15;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// Independent lanes so the compiler vectorises without -ffast-math (see linear_norms_cpu.cpp).
+// Independent lanes so the compiler vectorises without -ffast-math (see linear_norms/cpu.cpp).
 template <typename acc_t>
 inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   constexpr int kLanes = 16;
@@ -88,8 +82,7 @@ using outer::cpu_has_avx512;
 // (no im2col): row r = (c, kd, kh, kw) is a pointer into it, position t = (od, oh, ow) an offset shared by
 // every row, so the positions of one output row form a segment of offsets x, x + sw, x + 2 sw, ...
 // Short problems run as fast as long ones (the dot blocks along positions that this replaced lost to
-// at::mm below T = 64; now T = 4, 16: 2.8-3.9 / 1.3-1.7 ms with at::mm -> 0.48 / 0.40-0.45 ms, 128 / 64
-// channels, B = 64).
+// at::mm below T = 64).
 
 // GCC 12's AVX-512 headers start unmasked shuffles from _mm512_undefined_ps(), which -Wall reports as
 // "used uninitialized" once inlined here.
@@ -141,7 +134,7 @@ __attribute__((target("avx512f"))) void transpose16(const float* src, int64_t ld
 // Patch element k = (c, kd, kh, kw) of the (C_in/groups, *k) weight layout: where it sits relative to
 // the window corner, and which output rows / columns see it inside x rather than in the padding.
 // Computed once per thread, not per item and chunk: redone per item, the divisions cost more than the
-// copies (gather of the benchmark CNN's 64 -> 64, 16 x 16 conv, B = 64, one thread: ~6 -> ~3 ms).
+// copies.
 struct Tap {
   int64_t x_off;               // c * stride_c
   int64_t off_d, off_h, off_w;  // dilated kernel offset minus the low padding
@@ -513,8 +506,7 @@ class Worker {
           for (int64_t j = 0; j < P_; ++j) w[k * P_ + j] += dot(u_.data() + k * n, rows + j * ld, n);
         continue;
       }
-      // W^T (d, p) += U^T (d, n) . G (n, p). This orientation (over G^T U) measured 2.6 vs 3.8 ms for
-      // d = 27 and 30.0 vs 31.3 ms for d = 288 (B = 64, one thread, MKL sgemm).
+      // W^T (d, p) += U^T (d, n) . G (n, p): this orientation measured faster than G^T U (MKL sgemm).
       at::Tensor wt = matrix(w, Kx_, P_, P_);
       const at::Tensor ut = matrix(u_.data(), Kx_, n, n);
       const at::Tensor gt = matrix(const_cast<acc_t*>(rows), n, P_, 1, ld);
