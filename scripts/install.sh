@@ -34,7 +34,8 @@ if [ -z "$so" ] || [ -n "$(find csrc setup.py -newer "$so" 2>/dev/null | head -n
   # pip -v shows ninja's [k/n] progress lines; the rest goes to the log, printed only on failure.
   set +e
   "$PY" -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee "$log" \
-    | { grep --line-buffered -E '^\[[0-9]+/[0-9]+\]' | sed -u -E 's/^(\[[0-9]+\/[0-9]+\]) .* -c ([^ ]+).*/  \1 \2/'; true; }
+    | { grep --line-buffered -E '^[[:space:]]*\[[0-9]+/[0-9]+\]' \
+        | sed -u -E 's/^[[:space:]]*(\[[0-9]+\/[0-9]+\]) .* -c ([^ ]+).*/  \1 compiling \2/'; true; }
   status=${PIPESTATUS[0]}
   set -e
   if [ "$status" -ne 0 ]; then
