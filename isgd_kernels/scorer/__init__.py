@@ -149,7 +149,8 @@ class GradNormScorer:
                 anchor = torch.zeros((), device=args[0].device, requires_grad=True)
                 total = _NormTotal(self.backend)
                 for cap in captures:
-                    handles.append(cap.module.register_forward_hook(self._make_hook(cap, batch, anchor, total)))
+                    handles.append(cap.module.register_forward_hook(self._make_hook(cap, batch, anchor, total),
+                                                                    with_kwargs=True))
                 with torch.inference_mode(False), torch.enable_grad():
                     signature = tuple(id(p) for p, flag in zip(params, requires_grad) if flag)
                     if signature != self._uses_checked_for:  # once per set of trainable parameters
@@ -185,7 +186,7 @@ class GradNormScorer:
 
     @staticmethod
     def _make_hook(cap: LayerCapture, batch: int, anchor: torch.Tensor, total: "_NormTotal"):
-        def hook(module, inputs, output):
+        def hook(module, inputs, kwargs, output):
             cap.calls += 1
             if cap.calls > 1:
                 raise ValueError(
@@ -198,6 +199,7 @@ class GradNormScorer:
                     "...). The scorer needs every scored layer to see the batch in dim 0 (use batch_first=True).")
             # Activations are data for the norm kernels, not part of the graph to differentiate.
             cap.inputs = tuple(i.detach() if isinstance(i, torch.Tensor) else i for i in inputs)
+            cap.kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
             return _NormTap.apply(output, anchor, cap, total.add)
 
         return hook
@@ -311,7 +313,7 @@ class _NormTotal:
 
     def add(self, cap: LayerCapture, grad_output: torch.Tensor) -> None:
         sq = RULES[type(cap.module)](cap, grad_output, self.backend)
-        cap.inputs = ()  # free the layer's activations as soon as its norm is known
+        cap.inputs, cap.kwargs = (), {}  # free the layer's activations as soon as its norm is known
         self.sum = sq.double() if self.sum is None else self.sum + sq.double()
 
     def value(self, batch: int, device, dtype) -> torch.Tensor:

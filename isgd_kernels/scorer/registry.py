@@ -8,7 +8,7 @@ trainable direct parameters.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ class LayerCapture:
     module: nn.Module
     trainable: dict[str, bool]  # direct parameter name -> requires_grad at the start of the pass
     inputs: tuple = ()
+    kwargs: dict = field(default_factory=dict)  # keyword arguments of the call
     calls: int = 0
 
     @property
@@ -36,6 +37,12 @@ class LayerCapture:
     def is_trainable(self, param: str) -> bool:
         """The module has a parameter `param` (not None) that required grad when the pass began."""
         return getattr(self.module, param, None) is not None and self.trainable.get(param, False)
+
+    def argument(self, position: int, name: str, default=None):
+        """The call's argument at `position`, or passed by keyword as `name`."""
+        if len(self.inputs) > position:
+            return self.inputs[position]
+        return self.kwargs.get(name, default)
 
     def first_input(self) -> torch.Tensor:
         if not self.inputs or not isinstance(self.inputs[0], torch.Tensor):

@@ -328,3 +328,48 @@ def test_mlp_with_layer_norm_matches_vmap(device):
                           nn.LayerNorm(17, bias=False), nn.Tanh(), nn.Linear(17, 5)).double().to(device)
     x, y = torch.randn(11, 13, dtype=F64, device=device), _targets(11, 5, device)
     assert_close_rel(GradNormScorer(model).norms(x, y, xent), vmap_norms(model, xent, x, y), 1e-10, "mlp+ln")
+
+
+class _Recommender(nn.Module):
+    """An EmbeddingBag recommender: bags of item ids (2-D, or flat with offsets) -> scores."""
+
+    def __init__(self, mode, padding_idx, flat):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(17, 6, mode=mode, padding_idx=padding_idx).double()
+        self.head = nn.Linear(6, 3).double()
+        self.flat = flat
+
+    def forward(self, items, weights=None):
+        if self.flat:  # bags of varying length, flat ids + offsets, as keyword arguments
+            lengths = (items >= 0).sum(1)
+            ids = items[items >= 0]
+            offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[:-1]])
+            w = None if weights is None else weights[items >= 0]
+            return self.head(self.bag(ids, offsets=offsets, per_sample_weights=w))
+        return self.head(self.bag(items, per_sample_weights=weights))
+
+
+@pytest.mark.parametrize("mode, weighted", [("sum", False), ("sum", True), ("mean", False), ("max", False)])
+@pytest.mark.parametrize("padding_idx", [None, 0])
+@pytest.mark.parametrize("flat", [False, True])
+def test_embedding_bag_matches_per_example_loop(mode, weighted, padding_idx, flat):
+    """sum/mean/max, per_sample_weights (sum only, as in PyTorch), padding_idx, 2-D and flat+offsets bags."""
+    torch.manual_seed(40)
+    model = _Recommender(mode, padding_idx, flat)
+    items = torch.randint(0, 17, (6, 5))
+    items[0, 1] = items[0, 3]  # a repeated item within a bag
+    items[1] = 0  # a bag of padding only (when padding_idx = 0)
+    if flat:
+        items[2, 3:] = -1  # shorter bags
+        items[4, 1:] = -1
+    weights = torch.rand(6, 5, dtype=torch.float64) + 0.5 if weighted else None
+    y = torch.randint(0, 3, (6,))
+    args = (items,) if weights is None else (items, weights)
+    got = GradNormScorer(model).norms(args, y, xent)
+    params = [p for p in model.parameters()]
+    expected = []
+    for i in range(6):
+        one = (items[i:i + 1],) if weights is None else (items[i:i + 1], weights[i:i + 1])
+        grads = torch.autograd.grad(xent(model(*one), y[i:i + 1]).sum(), params)
+        expected.append(sum(g.square().sum() for g in grads).sqrt())
+    assert_close_rel(got, torch.stack(expected), 1e-10, f"{mode} pad={padding_idx} flat={flat}")

@@ -4,7 +4,7 @@
 |--------------|----------------------------------------------------------------|
 | linear.py    | nn.Linear                                                      |
 | conv.py      | nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d                      |
-| embedding.py | nn.Embedding                                                   |
+| embedding.py | nn.Embedding, nn.EmbeddingBag                                  |
 | norm.py      | LayerNorm, RMSNorm, GroupNorm, InstanceNorm, BatchNorm (eval), |
 |              | PReLU                                                          |
 """

@@ -1,6 +1,8 @@
-"""nn.Embedding: g_i[v] = sum_{t: tok_t = v} delta_t, so ||g_i||^2 = sum over the distinct tokens v of
-example i of ||sum_{t: tok_t = v} delta_t||^2. Rows are summed per (example, token) key found by one
-sort of the B*T keys; no (B, num_embeddings, dim) buffer, no host synchronization."""
+"""nn.Embedding and nn.EmbeddingBag: gradient rows summed per (example, token).
+
+Embedding: g_i[v] = sum_{t: tok_t = v} delta_t, so ||g_i||^2 = sum over the distinct tokens v of example
+i of ||sum_{t: tok_t = v} delta_t||^2. Rows are summed per (example, token) key found by one sort of
+the B*T keys; no (B, num_embeddings, dim) buffer, no host synchronization."""
 from __future__ import annotations
 
 import torch
@@ -40,20 +42,80 @@ def embedding_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -
     tok = idx.reshape(-1).long()
     if module.padding_idx is not None:
         delta = delta * (tok != module.padding_idx).unsqueeze(1).to(acc)
-    per_example = n // batch
-    example = torch.arange(batch, device=tok.device).repeat_interleave(per_example)
-    # One sort of the (example, token) keys; segment ids of equal keys. Static sizes throughout (at
-    # most N segments), so no host synchronization, unlike torch.unique.
-    keys = example * module.num_embeddings + tok
+    example = torch.arange(batch, device=tok.device).repeat_interleave(n // batch)
+    return _sq_norms_per_example(example, tok, delta, module.num_embeddings, batch)
+
+
+def _sq_norms_per_example(example: torch.Tensor, tok: torch.Tensor, rows: torch.Tensor, num_embeddings: int,
+                          batch: int) -> torch.Tensor:
+    """sum over the distinct (example, token) keys of ||sum of the rows with that key||^2, per example.
+
+    One sort of the keys gives segment ids of equal keys. Static sizes throughout (at most N segments),
+    so no host synchronization, unlike torch.unique."""
+    n = rows.shape[0]
+    keys = example * num_embeddings + tok
     sorted_keys, order = keys.sort()
     new_segment = torch.ones_like(sorted_keys, dtype=torch.long)
     new_segment[1:] = (sorted_keys[1:] != sorted_keys[:-1]).long()
     segment_sorted = new_segment.cumsum(0) - 1
     segment = torch.empty_like(segment_sorted).scatter_(0, order, segment_sorted)  # per row, original order
-    rows = delta.new_zeros(n, dim).index_add_(0, segment, delta)  # summed gradient row per (example, token)
+    sums = rows.new_zeros(rows.shape).index_add_(0, segment, rows)  # summed row per (example, token)
     seg_example = torch.zeros(n, dtype=torch.long, device=tok.device).scatter_(0, segment, example)
     # Unused segment slots are zero rows: they add 0 to example 0.
-    return delta.new_zeros(batch).index_add_(0, seg_example, rows.square().sum(1))
+    return rows.new_zeros(batch).index_add_(0, seg_example, sums.square().sum(1))
 
 
 register_rule(nn.Embedding, embedding_rule)
+
+
+# -------------------------------------------------------------------------------------- EmbeddingBag
+
+def embedding_bag_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> torch.Tensor:
+    """nn.EmbeddingBag, one bag per example: 2-D input (B, L), or 1-D input with B (B + 1 with
+    include_last_offset) offsets.
+
+    sum / mean: bag b's output is sum_j c_j E[tok_j] (c_j = per_sample_weights[j], 1, or 1/#bag), so the
+    gradient row of token v is (sum of c_j over its occurrences) * delta_b and
+    ||g_b||^2 = ||delta_b||^2 * sum_v (sum_{j: tok_j = v} c_j)^2. max: each output coordinate d takes its
+    gradient to one row (the argmax), so ||g_b||^2 = ||delta_b||^2 for a bag with an entry. padding_idx
+    entries are left out of bags (and of the mean's count), as PyTorch does.
+    """
+    module = cap.module
+    if module.scale_grad_by_freq:
+        raise ValueError(f"GradNormScorer: {cap.label} has scale_grad_by_freq=True, which couples the examples "
+                         "of a batch; build it with scale_grad_by_freq=False, or freeze it.")
+    idx = cap.first_input()
+    offsets = cap.argument(1, "offsets")
+    weights = cap.argument(2, "per_sample_weights")
+    acc = accumulation_dtype(grad_output.dtype)
+    delta_sq = grad_output.to(acc).square().sum(1)  # (bags,)
+    bags = grad_output.shape[0]
+    if idx.dim() == 2:
+        if offsets is not None:
+            raise ValueError(f"GradNormScorer: {cap.label}: offsets with a 2-D input")
+        bag = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
+    elif idx.dim() == 1 and offsets is not None:
+        starts = offsets[:-1] if module.include_last_offset else offsets
+        # bag of entry j = number of bag starts <= j, less one
+        bag = torch.bucketize(torch.arange(idx.numel(), device=idx.device), starts, right=True) - 1
+    else:
+        raise ValueError(f"GradNormScorer: {cap.label} needs a 2-D input (B, L) or a 1-D input with offsets, "
+                         f"got {tuple(idx.shape)}")
+    tok = idx.reshape(-1).long()
+    keep = torch.ones_like(tok, dtype=acc)
+    if module.padding_idx is not None:
+        keep = (tok != module.padding_idx).to(acc)
+    if module.mode == "max":
+        has_entry = torch.zeros(bags, dtype=acc, device=idx.device).index_add_(0, bag, keep) > 0
+        return delta_sq * has_entry.to(acc)
+    coef = keep if weights is None else keep * weights.reshape(-1).to(acc)
+    if module.mode == "mean":
+        count = torch.zeros(bags, dtype=acc, device=idx.device).index_add_(0, bag, keep)
+        coef = coef / count.clamp_min(1)[bag]
+    if tok.numel() == 0:
+        return delta_sq.new_zeros(bags)
+    coef_sq = _sq_norms_per_example(bag, tok, coef.unsqueeze(1), module.num_embeddings, bags)
+    return delta_sq * coef_sq
+
+
+register_rule(nn.EmbeddingBag, embedding_bag_rule)
