@@ -14,6 +14,8 @@ once, so the pass needs no more memory than a training step.
 from __future__ import annotations
 
 import contextlib
+import copy
+from dataclasses import dataclass
 from collections.abc import Callable
 
 import torch
@@ -27,7 +29,7 @@ from isgd_kernels.scorer.registry import (RULES, LayerCapture, Rule, Unsupported
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["GradNormScorer", "LayerCapture", "Rule", "UnsupportedModuleError", "evaluating",
+__all__ = ["GradNormScorer", "LayerCapture", "Rule", "UnsupportedModuleError", "VerifyReport", "evaluating",
            "per_example_grad_norms", "register_rule"]
 
 
@@ -91,6 +93,7 @@ class GradNormScorer:
         self.backend = backend
         self.check_examples_separate = check_examples_separate
         self._uses_checked_for: tuple | None = None
+        self._per_layer: dict | None = None  # set by verify() to record each layer's share
         self.layers: list[LayerCapture] = self._plan()  # fail early on unsupported modules
 
     def _plan(self) -> list[LayerCapture]:
@@ -147,7 +150,7 @@ class GradNormScorer:
                 for p in params:  # no parameter in the graph: autograd runs no weight-gradient GEMM
                     p.requires_grad_(False)
                 anchor = torch.zeros((), device=args[0].device, requires_grad=True)
-                total = _NormTotal(self.backend)
+                total = _NormTotal(self.backend, self._per_layer)
                 for cap in captures:
                     handles.append(cap.module.register_forward_hook(self._make_hook(cap, batch, anchor, total),
                                                                     with_kwargs=True))
@@ -175,6 +178,37 @@ class GradNormScorer:
         return (norms, losses.detach()) if return_losses else norms
 
     __call__ = norms
+
+    def verify(self, inputs, targets, loss_fn: LossFn, n: int = 4) -> "VerifyReport":
+        """Check the scorer on the first `n` examples of your own model and data against float64
+        per-example gradients (one autograd backward per example on a float64 copy of the model), layer
+        by layer. Returns a VerifyReport; ``report.ok`` is False and ``str(report)`` names the modules
+        that disagree. Run it once before a long job: it catches a layout or loss the scorer's own checks
+        cannot see. Targets are sliced per example when they are tensors (or tuples of tensors) with the
+        batch in dim 0."""
+        inputs, targets, loss_fn = _canonical_order(inputs, targets, loss_fn, "GradNormScorer.verify")
+        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        n = min(n, args[0].shape[0])
+        if n < 1:
+            raise ValueError("GradNormScorer.verify: n must be >= 1 and the batch non-empty")
+        first = tuple(_rows(a, 0, n) for a in args)
+        tgt = _rows(targets, 0, n)
+        self._per_layer = {}
+        try:
+            total = self.norms(first, tgt, loss_fn).double()
+            got = self._per_layer
+        finally:
+            self._per_layer = None
+        expected = _reference_per_layer(self.model, self.layers, first, tgt, loss_fn, n, self.eval_mode)
+        dtype = next((p.dtype for p in self.model.parameters()), torch.float32)
+        rtol = {torch.float64: 1e-8, torch.float32: 2e-3}.get(dtype, 5e-2)
+        rows = []
+        for cap in self.layers:
+            ref = expected.get(cap.name, torch.zeros(n, dtype=torch.float64))
+            mine = got.get(cap.name, torch.zeros(n, dtype=torch.float64)).cpu()
+            rows.append((cap.name, type(cap.module).__name__, mine.sqrt(), ref.sqrt()))
+        ref_total = sum(expected.values(), torch.zeros(n, dtype=torch.float64)).sqrt()
+        return VerifyReport(rows, total.cpu(), ref_total, rtol)
 
     def _refuse_batch_mixing(self) -> None:
         for name, module in self.model.named_modules():
@@ -307,19 +341,99 @@ class _NormTotal:
     """Running sum of the layers' per-example squared norms, filled by the taps during backward.
     A layer that does not reach the loss never gets a gradient and adds nothing (its norm is 0)."""
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, per_layer: dict | None = None):
         self.backend = backend
         self.sum: torch.Tensor | None = None
+        self.per_layer = per_layer  # name -> (B,) squared norm, when the caller wants the breakdown
 
     def add(self, cap: LayerCapture, grad_output: torch.Tensor) -> None:
         sq = RULES[type(cap.module)](cap, grad_output, self.backend)
         cap.inputs, cap.kwargs = (), {}  # free the layer's activations as soon as its norm is known
         self.sum = sq.double() if self.sum is None else self.sum + sq.double()
+        if self.per_layer is not None:
+            self.per_layer[cap.name] = sq.detach().double()
 
     def value(self, batch: int, device, dtype) -> torch.Tensor:
         if self.sum is None:
             return torch.zeros(batch, device=device, dtype=dtype)
         return self.sum.to(dtype)
+
+
+@dataclass
+class VerifyReport:
+    """The result of GradNormScorer.verify: per scored layer, the scorer's and the float64 reference's
+    per-example norms of that layer's parameters; the whole model's norms."""
+
+    layers: list  # (name, type, scorer (n,), reference (n,))
+    total: torch.Tensor
+    reference_total: torch.Tensor
+    rtol: float
+
+    @staticmethod
+    def _bad(got: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:
+        scale = ref.abs().max().clamp_min(1e-30)
+        return bool(((got - ref).abs() > rtol * (ref.abs() + scale)).any())
+
+    @property
+    def disagreeing(self) -> list[str]:
+        return [f"{name} ({kind})" for name, kind, got, ref in self.layers if self._bad(got, ref, self.rtol)]
+
+    @property
+    def ok(self) -> bool:
+        return not self.disagreeing and not self._bad(self.total, self.reference_total, self.rtol)
+
+    def __str__(self) -> str:
+        lines = [f"GradNormScorer.verify on {len(self.total)} examples (relative tolerance {self.rtol:g}): "
+                 + ("all layers agree" if self.ok else "DISAGREES")]
+        for name, kind, got, ref in self.layers:
+            err = float(((got - ref).abs() / ref.abs().clamp_min(1e-30)).max())
+            flag = "  <-- disagrees" if self._bad(got, ref, self.rtol) else ""
+            lines.append(f"  {name} ({kind}): max relative error {err:.2e}{flag}")
+        err = float(((self.total - self.reference_total).abs() / self.reference_total.clamp_min(1e-30)).max())
+        lines.append(f"  whole model: max relative error {err:.2e}")
+        return "\n".join(lines)
+
+
+def _rows(value, start: int, stop: int):
+    """Examples start..stop-1 of a batched tensor (or of each tensor of a tuple/list); anything else as is."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        return value[start:stop]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, start, stop) for v in value)
+    return value
+
+
+def _to_double(value):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.double()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_double(v) for v in value)
+    return value
+
+
+def _reference_per_layer(model: nn.Module, layers: list[LayerCapture], args: tuple, targets, loss_fn, n: int,
+                         eval_mode: bool) -> dict[str, torch.Tensor]:
+    """Per scored layer, the squared norm of each example's gradient, from one float64 autograd backward
+    per example (inputs sliced along dim 0, the batch-first contract) on a copy of the model."""
+    model64 = copy.deepcopy(model).double()
+    owners = {}  # parameter of the copy -> scored layer name
+    by_name = dict(model64.named_modules())
+    for cap in layers:
+        module = by_name["" if cap.name == "<root>" else cap.name]
+        for pname, trainable in cap.trainable.items():
+            if trainable:
+                owners[getattr(module, pname)] = cap.name
+    params = list(owners)
+    out = {cap.name: torch.zeros(n, dtype=torch.float64) for cap in layers}
+    with evaluating(model64, enabled=eval_mode), torch.inference_mode(False), torch.enable_grad():
+        for i in range(n):
+            one = tuple(_to_double(_rows(a, i, i + 1)) for a in args)
+            loss = loss_fn(model64(*one), _rows(targets, i, i + 1)).sum()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for p, g in zip(params, grads):
+                if g is not None:
+                    out[owners[p]][i] += g.to_dense().double().square().sum().cpu()
+    return out
 
 
 def per_example_grad_norms(model: nn.Module, inputs, targets, loss_fn: LossFn, *, backend: str = "auto",

@@ -410,3 +410,24 @@ def test_a_parameter_used_outside_its_module_is_refused(functional):
     model.wte.weight.requires_grad_(False)  # frozen: the remaining parameters are exact
     got = GradNormScorer(model).norms(tokens, y, xent)
     assert_close_rel(got, vmap_norms(model, xent, tokens, y), 1e-4)
+
+
+def test_verify_agrees_on_a_supported_model_and_names_a_wrong_rule():
+    """verify() compares each scored layer with float64 per-example gradients; a deliberately wrong rule
+    (registered by the user) is named."""
+    from isgd_kernels.scorer.rules.linear import linear_rule
+
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.LayerNorm(9), nn.Linear(9, 4))  # float32 model
+    x, y = torch.randn(10, 7), torch.randint(0, 4, (10,))
+    report = GradNormScorer(model).verify(x, y, xent, n=5)
+    assert report.ok, str(report)
+    assert "all layers agree" in str(report) and len(report.total) == 5
+
+    register_rule(nn.Linear, lambda cap, g, backend: 1.1 * linear_rule(cap, g, backend))
+    try:
+        report = GradNormScorer(model).verify(x, y, xent)
+    finally:
+        register_rule(nn.Linear, linear_rule)
+    assert not report.ok and report.disagreeing == ["0 (Linear)", "3 (Linear)"]
+    assert "<-- disagrees" in str(report)
