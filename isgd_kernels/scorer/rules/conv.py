@@ -12,6 +12,19 @@ from isgd_kernels.scorer.registry import LayerCapture, register_rule
 _CONV_RANK = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 
 
+def _batched_input(cap: LayerCapture, rank: int) -> torch.Tensor:
+    x = cap.first_input()
+    if x.dim() != rank + 2:
+        raise ValueError(f"GradNormScorer: {cap.label} got a {x.dim()}-D input {tuple(x.shape)}; the scorer "
+                         f"needs the batched {rank + 2}-D form (B, C, ...); an unbatched input has no batch dim")
+    return x
+
+
+def _bias_sq_norms(grad_output: torch.Tensor) -> torch.Tensor:
+    """||sum over positions of delta||^2 over the output channels (dim 1)."""
+    return grad_output.to(accumulation_dtype(grad_output.dtype)).flatten(2).sum(2).square().sum(1)
+
+
 def conv_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> torch.Tensor:
     """nn.Conv1d/2d/3d: the module's own kernel_size/stride/padding/dilation/groups.
 
@@ -20,14 +33,10 @@ def conv_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> tor
     Only the bias trainable: ||sum over positions of delta||^2.
     """
     module = cap.module
-    n = _CONV_RANK[type(module)]
-    x = cap.first_input()
-    if x.dim() != n + 2:
-        raise ValueError(f"GradNormScorer: {cap.label} got a {x.dim()}-D input {tuple(x.shape)}; the scorer "
-                         f"needs the batched {n + 2}-D form (B, C, ...); an unbatched input has no batch dim")
+    x = _batched_input(cap, _CONV_RANK[type(module)])
     with_bias = cap.is_trainable("bias")
     if not cap.is_trainable("weight"):
-        return grad_output.to(accumulation_dtype(grad_output.dtype)).flatten(2).sum(2).square().sum(1)
+        return _bias_sq_norms(grad_output)
     padding = module.padding
     if module.padding_mode != "zeros":
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
@@ -56,11 +65,7 @@ def conv_transpose_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: s
     convolution never reads). The bias adds ||sum over positions of delta||^2, from delta itself.
     """
     module = cap.module
-    n = _CONV_TRANSPOSE_RANK[type(module)]
-    x = cap.first_input()
-    if x.dim() != n + 2:
-        raise ValueError(f"GradNormScorer: {cap.label} got a {x.dim()}-D input {tuple(x.shape)}; the scorer "
-                         f"needs the batched {n + 2}-D form (B, C, ...); an unbatched input has no batch dim")
+    x = _batched_input(cap, _CONV_TRANSPOSE_RANK[type(module)])
     sq = None
     if cap.is_trainable("weight"):
         # With stride 1 and output_padding < dilation, that convolution has more outputs than x has
@@ -74,7 +79,7 @@ def conv_transpose_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: s
                             module.groups, backend)
         sq = conv_grad_sq_norms_impl(*args, False, backend, "auto")
     if cap.is_trainable("bias"):
-        bias_sq = grad_output.to(accumulation_dtype(grad_output.dtype)).flatten(2).sum(2).square().sum(1)
+        bias_sq = _bias_sq_norms(grad_output)
         sq = bias_sq if sq is None else sq + bias_sq.to(sq.dtype)
     return sq
 
