@@ -152,8 +152,16 @@ def test_norms_only_backward_runs_no_weight_gradient_gemm():
 
 
 def test_unsupported_module_is_named():
-    model = nn.Sequential(nn.Linear(4, 4), nn.PReLU(4), nn.Linear(4, 2))
-    with pytest.raises(UnsupportedModuleError, match=r"module '1' \(PReLU\).*\['weight'\]"):
+    class Gate(nn.Module):  # a custom layer: no rule
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * torch.sigmoid(self.weight)
+
+    model = nn.Sequential(nn.Linear(4, 4), Gate(), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedModuleError, match=r"module '1' \(Gate\).*\['weight'\]"):
         GradNormScorer(model)
     model[1].requires_grad_(False)  # frozen: fine
     GradNormScorer(model).norms(torch.randn(3, 4), torch.tensor([0, 1, 0]), xent)
