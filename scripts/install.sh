@@ -10,7 +10,7 @@ say() { echo "[install] $*"; }
 if ! "$PY" -c "import torch" 2>/dev/null; then
   # Pinned on purpose: an unpinned torch resolves to a multi-GB CUDA build.
   say "installing torch ${ISGD_TORCH_VERSION:-2.13.0} (CPU build; about 200 MB)"
-  "$PY" -m pip install --quiet "torch==${ISGD_TORCH_VERSION:-2.13.0}"
+  "$PY" -m pip install --quiet --quiet "torch==${ISGD_TORCH_VERSION:-2.13.0}"
 fi
 
 missing=()
@@ -21,7 +21,7 @@ for spec in numpy tqdm pytest:pytest pytest_benchmark:pytest-benchmark sklearn:s
 done
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
-  "$PY" -m pip install --quiet "${missing[@]}"
+  "$PY" -m pip install --quiet --quiet "${missing[@]}"
 fi
 
 # Build against the installed torch (no isolated build env: it would fetch another torch).
