@@ -2,7 +2,9 @@
 
 The compiling runs in a subprocess (tests/triton_aot.py) with TRITON_INTERPRET unset: conftest.py sets
 the interpreter for the whole session, and interpreted kernels cannot be compiled. Runs against the
-installed Triton; scripts/triton_compat.sh runs this file under Triton 3.6 as well.
+installed Triton; scripts/triton_compat.sh runs this file under Triton 3.6 as well. ISGD_AOT_MODE
+(cover | configs | all) and ISGD_AOT_ONLY (kernel-name substring) widen or narrow the run (see
+tests/triton_aot.py).
 """
 import ast
 import itertools
@@ -93,6 +95,8 @@ def test_compiled_set_covers_every_configuration_of_the_rules(report):
             for name, cfg in rules:
                 expected.setdefault(name, set()).add(tuple(sorted((k, repr(v)) for k, v in cfg.items())))
     for name, cfgs in expected.items():
+        if report["only"] not in name:  # ISGD_AOT_ONLY narrowed the run
+            continue
         assert cfgs == reached.get(name), f"{name}: rule-only {cfgs - reached.get(name, set())}, " \
                                           f"launch-only {reached.get(name, set()) - cfgs}"
     # The grid runs from below every lower clamp (16, or 1 for BLOCK_B) to past every upper one (1024).
@@ -101,4 +105,4 @@ def test_compiled_set_covers_every_configuration_of_the_rules(report):
     for r in report["results"]:
         compiled.setdefault(r["kernel"], set()).add(tuple(sorted(r["constexprs"].items())))
     for name in expected:
-        assert name in compiled, f"{name} never compiled"
+        assert name in compiled or report["only"] not in name, f"{name} never compiled"

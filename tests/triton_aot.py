@@ -313,7 +313,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", required=True, help="where to write the results")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--only", default="", help="substring of kernel names to keep")
+    ap.add_argument("--only", default=os.environ.get("ISGD_AOT_ONLY", ""),
+                    help="substring of kernel names to keep (default: $ISGD_AOT_ONLY)")
     ap.add_argument("--mode", choices=("cover", "configs", "all"), default=os.environ.get("ISGD_AOT_MODE", "cover"),
                     help="which launches to compile (see select())")
     ns = ap.parse_args(argv)
@@ -329,7 +330,7 @@ def main(argv=None):
     # Forked workers inherit the enumerated launches; each compile is independent.
     with multiprocessing.get_context("fork").Pool(max(1, ns.jobs)) as pool:
         results = pool.map(_compile_one, jobs, chunksize=1)
-    report = {"triton": triton.__version__, "mode": ns.mode, "configs": configs, "launches": len(_LAUNCHES),
+    report = {"triton": triton.__version__, "mode": ns.mode, "only": ns.only, "configs": configs, "launches": len(_LAUNCHES),
               "compiles": len(jobs),
               "enumerate_seconds": round(t_enum, 1), "seconds": round(time.time() - t0, 1),
               "shared_limit": SHARED_LIMIT, "resource_tool": _cuobjdump(), "results": results}
