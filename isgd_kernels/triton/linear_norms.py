@@ -220,11 +220,11 @@ def ghost_config(T: int, D: int, P: int, dtype: torch.dtype) -> dict:
     if not _use_dot(dtype):
         # Broadcast multiply-sum: the (BLOCK_T, BLOCK_K, BLOCK_T) product lives in registers.
         return dict(USE_DOT=False, BLOCK_T=_tile(T, 16, 32), BLOCK_K=4, num_warps=4)
-    if dtype == torch.float32:
-        # tf32x3 splits each operand in two and runs three MMAs: 64-wide tiles spill (AOT test).
+    if dtype.itemsize > 2:
+        # fp32 (tf32x3 splits each operand in two and runs three MMAs) and fp64: 64-wide tiles spill.
         return dict(USE_DOT=True, BLOCK_T=_tile(T, 16, 32), BLOCK_K=_tile(max(D, P), 16, 32), num_warps=4)
     block_t = _tile(T, 16, 64)
-    block_k = _tile(max(D, P), 16, 64 if dtype.itemsize <= 4 else 32)
+    block_k = _tile(max(D, P), 16, 64)
     return dict(USE_DOT=True, BLOCK_T=block_t, BLOCK_K=block_k, num_warps=8 if block_t >= 64 else 4)
 
 
@@ -234,7 +234,7 @@ def materialize_config(T: int, D: int, P: int, dtype: torch.dtype) -> dict:
     block_p = _tile(P, 16, 64)
     block_d = _tile(D, 16, 64)
     # fp32 (tf32x3: split operands, three MMAs) and fp64 take a shorter reduction tile: no spills.
-    block_t = _tile(T, 16, 64 if dtype.itemsize <= 2 else 32)
+    block_t = _tile(T, 16, 64 if dtype.itemsize <= 2 else 16 if dtype == torch.float32 else 32)
     return dict(USE_DOT=True, BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_T=block_t,
                 num_warps=8 if block_p * block_d >= 4096 else 4)
 
