@@ -222,8 +222,9 @@ def conv_materialize_config(T: int, K: int, PG: int, dtype: torch.dtype) -> dict
     block_p, block_k = _tile(PG, 16, 64), _tile(K, 16, 64)
     # fp32 (tf32x3) and fp64 take a shorter reduction tile: 32 wide they spill (AOT test).
     block_t = _tile(T, 16, 64 if dtype.itemsize <= 2 else 16)
+    # fp64 tiles take twice the registers: 8 warps from 2048 elements (32 x 64 spills with 4 warps).
     return dict(USE_DOT=True, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_T=block_t,
-                num_warps=8 if block_p * block_k >= 4096 else 4)
+                num_warps=8 if block_p * block_k >= (2048 if dtype.itemsize > 4 else 4096) else 4)
 
 
 def conv_sq_norms_triton(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: Sequence[int],

@@ -234,7 +234,7 @@ def materialize_config(T: int, D: int, P: int, dtype: torch.dtype) -> dict:
     block_p = _tile(P, 16, 64)
     block_d = _tile(D, 16, 64)
     # fp32 (tf32x3: split operands, three MMAs) and fp64 take a shorter reduction tile: no spills.
-    block_t = _tile(T, 16, 64 if dtype.itemsize <= 2 else 16 if dtype == torch.float32 else 32)
+    block_t = _tile(T, 16, 64 if dtype.itemsize <= 2 else 16)
     return dict(USE_DOT=True, BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_T=block_t,
                 num_warps=8 if block_p * block_d >= 4096 else 4)
 
