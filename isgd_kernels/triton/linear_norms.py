@@ -48,8 +48,9 @@ def _triton_version() -> tuple[int, int]:
 
 
 def fp64_dot_supported() -> bool:
-    """Whether the installed Triton compiles tl.dot on float64 tiles (sm_80+): from 3.9 on (3.6 and 3.8
-    reject it; tests/test_triton_compile.py checks the installed version either way)."""
+    """Whether the kernels use tl.dot on float64 tiles (sm_80+): from Triton 3.9, whose every fp64
+    configuration the AOT test compiles without spills. 3.6 rejects fp64 tl.dot; 3.8 accepts it but
+    its fp64 dot configurations were not checked, so it keeps the broadcast path (also checked)."""
     return _triton_version() >= (3, 9)
 
 
