@@ -18,8 +18,9 @@ Portability (Triton 3.6 -- 3.9, sm_80 / sm_90; tests/test_triton_compile.py comp
   OptimizeThreadLocality pass rewrites, and up to 3.6 that rewrite asserts when the loop result has
   more than one use (triton-lang/triton#11682) or silently drops in-loop reads of the accumulator
   (#11836). The kernels accumulate whole tiles elementwise and reduce once, after the loop.
-* Triton before 3.9 has no fp64 tl.dot: with USE_DOT=False the tile products are a broadcast
-  multiply-sum over the middle axis of a rank-3 tile (small tiles; see the *_config rules).
+* Triton 3.6 has no fp64 tl.dot, and the kernels use it from 3.9 on (fp64_dot_supported): before
+  that, USE_DOT=False makes the tile products a broadcast multiply-sum over the middle axis of a
+  rank-3 tile (small tiles; see the *_config rules).
 """
 from __future__ import annotations
 
