@@ -37,6 +37,12 @@ def report(tmp_path_factory):
         return json.load(f)
 
 
+def test_report_is_for_the_installed_triton(report):
+    import triton
+    assert report["triton"] == triton.__version__
+    assert report["results"], "nothing was compiled"
+
+
 def _what(r):
     return f"{r['kernel']} {r['dtypes']} {r['constexprs']} ints={r['int_args']} sm_{r['cap']}"
 
