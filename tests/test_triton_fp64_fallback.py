@@ -55,8 +55,8 @@ def test_linear_fp64(fp64_dot, T, D, P, bias):
 def test_conv_fp64(fp64_dot, case, method, bias):
     gen = torch.Generator().manual_seed(len(case["x"]) * 7 + case["c_out"])
     x = torch.randn(*case["x"], generator=gen, dtype=torch.float64).to(DEVICE)
-    out_sp = [(n + case["p"][2 * j] + case["p"][2 * j + 1] - case["d"][j] * (case["k"][j] - 1) - 1) // case["s"][j] + 1
-              for j, n in enumerate(case["x"][2:])]
+    k, s, p, d = case["k"], case["s"], case["p"], case["d"]
+    out_sp = [(n + p[2 * j] + p[2 * j + 1] - d[j] * (k[j] - 1) - 1) // s[j] + 1 for j, n in enumerate(case["x"][2:])]
     g = torch.randn(case["x"][0], case["c_out"], *out_sp, generator=gen, dtype=torch.float64).to(DEVICE)
     args = (case["k"], case["s"], case["p"], case["d"], case["groups"], bias)
     want = conv_grad_sq_norms_ref(x, g, *args)

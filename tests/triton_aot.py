@@ -160,7 +160,8 @@ def _alias_launches(torch, L, C, A):
         A.alias_sample_triton(thr, al, bits)
         for wdt in (torch.float32, torch.float64):
             for iw in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-                A.alias_sample_weighted_triton(thr, al, torch.rand(64, dtype=wdt), torch.tensor(1.0, dtype=torch.float64),
+                mean = torch.tensor(1.0, dtype=torch.float64)
+                A.alias_sample_weighted_triton(thr, al, torch.rand(64, dtype=wdt), mean,
                                                bits, dtype=iw)
 
 
@@ -315,7 +316,8 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", default=os.environ.get("ISGD_AOT_ONLY", ""),
                     help="substring of kernel names to keep (default: $ISGD_AOT_ONLY)")
-    ap.add_argument("--mode", choices=("cover", "configs", "all"), default=os.environ.get("ISGD_AOT_MODE", "cover"),
+    ap.add_argument("--mode", choices=("cover", "configs", "all"),
+                    default=os.environ.get("ISGD_AOT_MODE", "cover"),
                     help="which launches to compile (see select())")
     ns = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -330,14 +332,16 @@ def main(argv=None):
     # Forked workers inherit the enumerated launches; each compile is independent.
     with multiprocessing.get_context("fork").Pool(max(1, ns.jobs)) as pool:
         results = pool.map(_compile_one, jobs, chunksize=1)
-    report = {"triton": triton.__version__, "mode": ns.mode, "only": ns.only, "configs": configs, "launches": len(_LAUNCHES),
+    report = {"triton": triton.__version__, "mode": ns.mode, "only": ns.only, "configs": configs,
+              "launches": len(_LAUNCHES),
               "compiles": len(jobs),
               "enumerate_seconds": round(t_enum, 1), "seconds": round(time.time() - t0, 1),
               "shared_limit": SHARED_LIMIT, "resource_tool": _cuobjdump(), "results": results}
     with open(ns.json, "w") as f:
         json.dump(report, f, indent=1, default=str)
     bad = [r for r in results if not r.get("ok")]
-    print(f"triton {triton.__version__}: {len(configs)} configurations, {len(_LAUNCHES)} launches compiled ({ns.mode}), "
+    print(f"triton {triton.__version__}: {len(configs)} configurations, "
+          f"{len(_LAUNCHES)} launches compiled ({ns.mode}), "
           f"{len(jobs)} compiles, {len(bad)} failed, "
           f"{report['seconds']}s")
 

@@ -218,7 +218,8 @@ def conv_ghost_config(T: int, K: int, PG: int, dtype: torch.dtype) -> dict:
 def conv_materialize_config(T: int, K: int, PG: int, dtype: torch.dtype) -> dict:
     """Tiles of the materialize kernel for a group's problem U (T, K), G (T, PG); the launcher's rule."""
     if not _use_dot(dtype):
-        return dict(USE_DOT=False, BLOCK_P=_tile(PG, 16, 32), BLOCK_K=_tile(K, 16, 32), BLOCK_T=4, num_warps=4)
+        return dict(USE_DOT=False, BLOCK_P=_tile(PG, 16, 32), BLOCK_K=_tile(K, 16, 32), BLOCK_T=4,
+                    num_warps=4)
     block_p, block_k = _tile(PG, 16, 64), _tile(K, 16, 64)
     # fp32 (tf32x3) and fp64 take a shorter reduction tile: 32 wide they spill (AOT test).
     block_t = _tile(T, 16, 64 if dtype.itemsize <= 2 else 16)
