@@ -22,14 +22,42 @@ except ImportError as exc:  # built without the extension, or a torch ABI mismat
     EXTENSION_ERROR = exc
 
 try:
-    import triton  # noqa: F401
+    import triton
 
     TRITON_ERROR: Exception | None = None
 except ImportError as exc:
     TRITON_ERROR = exc
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
+# The oldest Triton whose every kernel configuration is compile-checked (tests/test_triton_compile.py,
+# scripts/triton_compat.sh: sm_80 and sm_90, fp16/bf16/fp32/fp64). 3.6 is what CUDA builds of torch 2.11
+# ship. "auto" never picks the Triton backend below it.
+MIN_TRITON = (3, 6)
+_TRITON_METHODS = {
+    "linear": ("outer", "ghost", "materialize"),
+    "conv": ("outer", "ghost", "materialize"),  # conv's T == 1 ("outer") runs the ghost kernel
+    "alias": ("build", "sample"),
+}
 _REBUILD_HINT = "rebuild with `pip install --no-build-isolation -e .` from the source tree"
+
+
+def installed_triton() -> tuple[int, int] | None:
+    """(major, minor) of the installed Triton, None without one."""
+    if TRITON_ERROR is not None:
+        return None
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def triton_supports(kernel_family: str, method: str, dtype: torch.dtype) -> bool:
+    """Whether the installed Triton compiles the Triton kernel of `kernel_family` ("linear", "conv", "alias")
+    and `method` for inputs of `dtype`: every floating dtype from MIN_TRITON on (fp64 without tl.dot before
+    Triton 3.9, see _triton_common.fp64_dot_supported)."""
+    if method not in _TRITON_METHODS.get(kernel_family, ()):
+        return False
+    version = installed_triton()
+    return version is not None and version >= MIN_TRITON and dtype in (
+        torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def triton_interpreted() -> bool:
@@ -58,6 +86,10 @@ def backend_unavailable_reason(backend: str, device: torch.device, op: str) -> s
     if backend == "triton":
         if TRITON_ERROR is not None:
             return f"Triton is not installed ({TRITON_ERROR}); `pip install triton` (it ships with CUDA builds of torch)"
+        version = installed_triton()
+        if version is None or version < MIN_TRITON:
+            return (f"Triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest version "
+                    "whose kernels are compile-checked here; upgrade triton, or use backend='cuda' or 'torch'")
         if device.type != "cuda" and not triton_interpreted():
             return (f"Triton kernels need a CUDA tensor, got one on {device}; use backend='cpu' or 'torch', "
                     "or set TRITON_INTERPRET=1 before importing isgd_kernels to run them in the (slow) interpreter")

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 import isgd_kernels
-import issgd
 
 ROOT = Path(__file__).resolve().parents[1]
 

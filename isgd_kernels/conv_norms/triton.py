@@ -21,6 +21,8 @@ U (T, d), d = C_in/groups * kd*kh*kw, and G (T, p), p = C_out/groups (see isgd_k
 
 The bias term ||sum_t delta_t||^2 splits over the groups' channels, so each group adds its own.
 Partial sums (B*groups x #tiles) are reduced by torch: deterministic, unlike atomics.
+Portability (no loop-carried row reductions; fp64 without tl.dot before Triton 3.9): as in
+isgd_kernels.triton.linear_norms.
 """
 from __future__ import annotations
 
@@ -33,12 +35,7 @@ import triton.language as tl
 
 from isgd_kernels.cost import choose_method
 from isgd_kernels._checks import accumulation_dtype
-from isgd_kernels.linear_norms.triton import (
-    _dot_operands_to_fp32,
-    _dot_precision,
-    _tile,
-    _tl_acc_dtype,
-)
+from isgd_kernels._triton_common import dtype_constants, mm, tile, use_dot
 
 
 @triton.jit
@@ -81,7 +78,7 @@ def _conv_sq_norms_ghost_kernel(
     SD, SH, SW, PD, PH, PW, DD, DH, DW,
     sxb, sxc, sxd, sxh, sxw, sgb, sgc, sgd, sgh, sgw, NUM_T_TILES,
     HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    USE_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t_tile = tl.program_id(1)
@@ -96,7 +93,7 @@ def _conv_sq_norms_ghost_kernel(
     kr = tl.arange(0, BLOCK_K)
     pr = tl.arange(0, BLOCK_P)
 
-    total = tl.zeros([BLOCK_T], dtype=ACC_DTYPE)
+    total = tl.zeros([BLOCK_T, BLOCK_T], dtype=ACC_DTYPE)  # reduced once, after the loop
     for s_tile in range(t_tile, NUM_T_TILES):
         offs_s = s_tile * BLOCK_T + tl.arange(0, BLOCK_T)
         s_mask = offs_s < T
@@ -115,7 +112,7 @@ def _conv_sq_norms_ghost_kernel(
                           D, H, W, sxd, sxh, sxw)                                   # (BLOCK_K, BLOCK_T)
             if DOT_FP32:
                 u_t, u_s = u_t.to(tl.float32), u_s.to(tl.float32)
-            gram_a = tl.dot(u_t, u_s, acc=gram_a, input_precision=DOT_PRECISION)
+            gram_a = mm(u_t, u_s, gram_a, USE_DOT, DOT_PRECISION)
 
         gram_g = tl.zeros([BLOCK_T, BLOCK_T], dtype=ACC_DTYPE)
         for p0 in range(0, PG, BLOCK_P):
@@ -127,14 +124,14 @@ def _conv_sq_norms_ghost_kernel(
                           other=0.0)                                                  # (BLOCK_P, BLOCK_T)
             if DOT_FP32:
                 g_t, g_s = g_t.to(tl.float32), g_s.to(tl.float32)
-            gram_g = tl.dot(g_t, g_s, acc=gram_g, input_precision=DOT_PRECISION)
+            gram_g = mm(g_t, g_s, gram_g, USE_DOT, DOT_PRECISION)
 
         contrib = gram_a * gram_g
         if HAS_BIAS:
             contrib += gram_g  # ||sum_t delta_t||^2 = sum_{t,s} delta_t . delta_s
         weight = tl.where(s_tile == t_tile, 1.0, 2.0).to(ACC_DTYPE)
-        total += weight * tl.sum(contrib, axis=1)
-    tl.store(partial_ptr + pid.to(tl.int64) * NUM_T_TILES + t_tile, tl.sum(total))
+        total += weight * contrib
+    tl.store(partial_ptr + pid.to(tl.int64) * NUM_T_TILES + t_tile, tl.sum(tl.sum(total, axis=1), axis=0))
 
 
 @triton.jit
@@ -144,7 +141,7 @@ def _conv_sq_norms_materialize_kernel(
     SD, SH, SW, PD, PH, PW, DD, DH, DW,
     sxb, sxc, sxd, sxh, sxw, sgb, sgc, sgd, sgh, sgw, NUM_P_TILES,
     HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
+    USE_DOT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid = tl.program_id(0)
     p_tile = tl.program_id(1)
@@ -158,7 +155,7 @@ def _conv_sq_norms_materialize_kernel(
     tr = tl.arange(0, BLOCK_T)
     kr = tl.arange(0, BLOCK_K)
 
-    total = tl.zeros([BLOCK_P], dtype=ACC_DTYPE)
+    total = tl.zeros([BLOCK_P, BLOCK_K], dtype=ACC_DTYPE)  # squares, reduced once after the loop
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + kr
         k_mask = ks < K
@@ -175,20 +172,21 @@ def _conv_sq_norms_materialize_kernel(
                         D, H, W, sxd, sxh, sxw)                                       # (BLOCK_T, BLOCK_K)
             if DOT_FP32:
                 g_t, u = g_t.to(tl.float32), u.to(tl.float32)
-            grad_tile = tl.dot(g_t, u, acc=grad_tile, input_precision=DOT_PRECISION)
-        total += tl.sum(grad_tile * grad_tile, axis=1)
-    result = tl.sum(total)
+            grad_tile = mm(g_t, u, grad_tile, USE_DOT, DOT_PRECISION)
+        total += grad_tile * grad_tile
+    result = tl.sum(tl.sum(total, axis=1), axis=0)
 
     if HAS_BIAS:
-        bias_grad = tl.zeros([BLOCK_P], dtype=ACC_DTYPE)
+        bias_acc = tl.zeros([BLOCK_P, BLOCK_T], dtype=ACC_DTYPE)
         for t0 in range(0, T, BLOCK_T):
             ts = t0 + tr
             t_mask = ts < T
             _, _, _, tg = _out_rows(ts, OH, OW, SD, SH, SW, PD, PH, PW, sgd, sgh, sgw)
             g_t = tl.load(g_bg + offs_p[:, None] * sgc + tg[None, :], mask=p_mask[:, None] & t_mask[None, :],
                           other=0.0)
-            bias_grad += tl.sum(g_t.to(ACC_DTYPE), axis=1)
-        result += tl.sum(bias_grad * bias_grad)
+            bias_acc += g_t.to(ACC_DTYPE)
+        bias_grad = tl.sum(bias_acc, axis=1)
+        result += tl.sum(bias_grad * bias_grad, axis=0)
     tl.store(partial_ptr + pid.to(tl.int64) * NUM_P_TILES + p_tile, result)
 
 
@@ -200,6 +198,33 @@ def _as_3d(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, stride, padding
     ones, zeros = [1] * extra, [0] * extra
     lo_pad = [padding[2 * j] for j in range(len(kernel_size))]
     return (x, grad_out, ones + list(kernel_size), ones + list(stride), zeros + lo_pad, ones + list(dilation))
+
+
+def conv_ghost_config(T: int, K: int, PG: int, dtype: torch.dtype) -> dict:
+    """Tiles of the ghost kernel for a group's problem U (T, K), G (T, PG); the launcher's rule."""
+    if not use_dot(dtype):
+        return dict(USE_DOT=False, BLOCK_T=tile(T, 16, 32), BLOCK_K=4, BLOCK_P=4, num_warps=4)
+    if dtype.itemsize > 2:
+        # fp32 (tf32x3: split operands, three MMAs), fp64, and the im2col index math: wider tiles
+        # spill (AOT test; 32 x 32 x 32 does with Triton 3.8).
+        block_t = tile(T, 16, 32)
+        return dict(USE_DOT=True, BLOCK_T=block_t, BLOCK_K=16, BLOCK_P=16, num_warps=8 if block_t >= 32 else 4)
+    block_t = tile(T, 16, 64)
+    return dict(USE_DOT=True, BLOCK_T=block_t, BLOCK_K=tile(K, 16, 64), BLOCK_P=tile(PG, 16, 64),
+                num_warps=8 if block_t >= 64 else 4)
+
+
+def conv_materialize_config(T: int, K: int, PG: int, dtype: torch.dtype) -> dict:
+    """Tiles of the materialize kernel for a group's problem U (T, K), G (T, PG); the launcher's rule."""
+    if not use_dot(dtype):
+        return dict(USE_DOT=False, BLOCK_P=tile(PG, 16, 32), BLOCK_K=tile(K, 16, 32), BLOCK_T=4,
+                    num_warps=4)
+    block_p, block_k = tile(PG, 16, 64), tile(K, 16, 64)
+    # fp32 (tf32x3) and fp64 take a shorter reduction tile: 32 wide they spill (AOT test).
+    block_t = tile(T, 16, 64 if dtype.itemsize <= 2 else 16)
+    # fp64 tiles take twice the registers: 8 warps from 2048 elements (32 x 64 spills with 4 warps).
+    return dict(USE_DOT=True, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_T=block_t,
+                num_warps=8 if block_p * block_k >= (2048 if dtype.itemsize > 4 else 4096) else 4)
 
 
 def conv_sq_norms_triton(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: Sequence[int],
@@ -220,27 +245,19 @@ def conv_sq_norms_triton(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: S
     resolved = choose_method(T, K, pg, method)
     args = (groups, cg, pg, T, K, D, H, W, OH, OW, ks[1], ks[2], kvol, *st, *lo, *dil,
             *x.stride(), *grad_out.stride())
-    common = dict(HAS_BIAS=bias, ACC_DTYPE=_tl_acc_dtype(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
-                  DOT_FP32=_dot_operands_to_fp32(x.dtype))
-    wide = x.element_size() <= 4
+    common = dict(HAS_BIAS=bias, **dtype_constants(x.dtype))
     if resolved == "materialize":
-        block_p, block_k = _tile(pg, 16, 64), _tile(K, 16, 64)
-        block_t = _tile(T, 16, 64 if wide else 32)
-        num_tiles = triton.cdiv(pg, block_p)
+        cfg = conv_materialize_config(T, K, pg, x.dtype)
+        num_tiles = triton.cdiv(pg, cfg["BLOCK_P"])
         partial = torch.empty(B * groups, num_tiles, device=x.device, dtype=acc)
         _conv_sq_norms_materialize_kernel[(B * groups, num_tiles)](
-            x, grad_out, partial, *args, num_tiles, **common,
-            BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_T=block_t,
-            num_warps=8 if block_p * block_k >= 4096 else 4,
+            x, grad_out, partial, *args, num_tiles, **common, **cfg,
         )
     else:
-        block_t = _tile(T, 16, 64)
-        block_k = _tile(K, 16, 64 if wide else 32)
-        block_p = _tile(pg, 16, 64 if wide else 32)
-        num_tiles = triton.cdiv(T, block_t)
+        cfg = conv_ghost_config(T, K, pg, x.dtype)
+        num_tiles = triton.cdiv(T, cfg["BLOCK_T"])
         partial = torch.empty(B * groups, num_tiles, device=x.device, dtype=acc)
         _conv_sq_norms_ghost_kernel[(B * groups, num_tiles)](
-            x, grad_out, partial, *args, num_tiles, **common,
-            BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=8 if block_t >= 64 else 4,
+            x, grad_out, partial, *args, num_tiles, **common, **cfg,
         )
     return partial.view(B, -1).sum(1)

@@ -12,33 +12,24 @@ returns (B,) float32 (float64 for float64 inputs).
                   gradient, builds each (d_out tile, d_in tile) in registers, squares and sums it.
 
 Partial sums (B x #tiles, at most B*T/16 floats) are reduced by torch: deterministic, unlike atomics.
+
+Portability (Triton 3.6 -- 3.9, sm_80 / sm_90; tests/test_triton_compile.py compiles every configuration):
+* No loop carries a row reduction: `acc += tl.sum(tile, axis=-1)` inside a loop is what Triton's
+  OptimizeThreadLocality pass rewrites, and up to 3.6 that rewrite asserts when the loop result has
+  more than one use (triton-lang/triton#11682) or silently drops in-loop reads of the accumulator
+  (#11836). The kernels accumulate whole tiles elementwise and reduce once, after the loop.
+* Triton 3.6 has no fp64 tl.dot, and the kernels use it from 3.9 on (_triton_common.fp64_dot_supported): before
+  that, USE_DOT=False makes the tile products a broadcast multiply-sum over the middle axis of a
+  rank-3 tile (small tiles; see the *_config rules).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from isgd_kernels._checks import accumulation_dtype
-
-
-def _tl_acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _dot_operands_to_fp32(dtype: torch.dtype) -> bool:
-    # The interpreter has no bfloat16 arithmetic (numpy): tl.dot on bf16 tiles returns garbage there.
-    # Upcasting the tiles is exact, so interpreter runs still test the kernel's indexing and masking.
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 Gram entries feed a sum of products that can cancel; plain tf32 (~1e-3 relative error)
-    # is too coarse for DP-style clipping, three-pass tf32 is near-fp32 accurate on tensor cores.
-    # (Ignored for fp16/bf16/fp64 operands and by the interpreter.)
-    return "tf32x3" if dtype == torch.float32 else "ieee"
+from isgd_kernels._triton_common import dtype_constants, mm, tile, tl_acc_dtype, use_dot
 
 
 @triton.jit
@@ -77,7 +68,7 @@ def _linear_sq_norms_outer_kernel(
 @triton.jit
 def _gram_tile(base_ptr, offs_t, offs_s, T, K, stride_t, stride_k,
                ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-               BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+               USE_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """(BLOCK_T, BLOCK_T) tile of M M^T for M = base (T, K): rows offs_t, columns offs_s."""
     ks = tl.arange(0, BLOCK_K)
     gram = tl.zeros([BLOCK_T, BLOCK_T], dtype=ACC_DTYPE)
@@ -89,7 +80,7 @@ def _gram_tile(base_ptr, offs_t, offs_s, T, K, stride_t, stride_k,
                        mask=k_mask[:, None] & (offs_s[None, :] < T), other=0.0)
         if DOT_FP32:
             rows, cols = rows.to(tl.float32), cols.to(tl.float32)
-        gram = tl.dot(rows, cols, acc=gram, input_precision=DOT_PRECISION)
+        gram = mm(rows, cols, gram, USE_DOT, DOT_PRECISION)
     return gram
 
 
@@ -98,7 +89,7 @@ def _linear_sq_norms_ghost_kernel(
     x_ptr, g_ptr, partial_ptr, T, D, P,
     stride_xb, stride_xt, stride_xd, stride_gb, stride_gt, stride_gp, NUM_T_TILES,
     HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     t_tile = tl.program_id(1)
@@ -106,17 +97,20 @@ def _linear_sq_norms_ghost_kernel(
     g_b = g_ptr + b * stride_gb
     offs_t = t_tile * BLOCK_T + tl.arange(0, BLOCK_T)
 
-    total = tl.zeros([BLOCK_T], dtype=ACC_DTYPE)
+    # Elementwise accumulation, reduced once after the loop (no row reduction carried by the loop).
+    total = tl.zeros([BLOCK_T, BLOCK_T], dtype=ACC_DTYPE)
     for s_tile in range(t_tile, NUM_T_TILES):
         offs_s = s_tile * BLOCK_T + tl.arange(0, BLOCK_T)
-        gram_a = _gram_tile(x_b, offs_t, offs_s, T, D, stride_xt, stride_xd, ACC_DTYPE, DOT_PRECISION, DOT_FP32, BLOCK_T, BLOCK_K)
-        gram_g = _gram_tile(g_b, offs_t, offs_s, T, P, stride_gt, stride_gp, ACC_DTYPE, DOT_PRECISION, DOT_FP32, BLOCK_T, BLOCK_K)
+        gram_a = _gram_tile(x_b, offs_t, offs_s, T, D, stride_xt, stride_xd, ACC_DTYPE, DOT_PRECISION, DOT_FP32,
+                            USE_DOT, BLOCK_T, BLOCK_K)
+        gram_g = _gram_tile(g_b, offs_t, offs_s, T, P, stride_gt, stride_gp, ACC_DTYPE, DOT_PRECISION, DOT_FP32,
+                            USE_DOT, BLOCK_T, BLOCK_K)
         contrib = gram_a * gram_g
         if HAS_BIAS:
             contrib += gram_g  # ||sum_t delta_t||^2 = sum_{t,s} delta_t . delta_s
         weight = tl.where(s_tile == t_tile, 1.0, 2.0).to(ACC_DTYPE)
-        total += weight * tl.sum(contrib, axis=1)
-    tl.store(partial_ptr + b * NUM_T_TILES + t_tile, tl.sum(total))
+        total += weight * contrib
+    tl.store(partial_ptr + b * NUM_T_TILES + t_tile, tl.sum(tl.sum(total, axis=1), axis=0))
 
 
 @triton.jit
@@ -124,7 +118,7 @@ def _linear_sq_norms_materialize_kernel(
     x_ptr, g_ptr, partial_ptr, T, D, P,
     stride_xb, stride_xt, stride_xd, stride_gb, stride_gt, stride_gp, NUM_P_TILES,
     HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    USE_DOT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     p_tile = tl.program_id(1)
@@ -135,7 +129,9 @@ def _linear_sq_norms_materialize_kernel(
     ts = tl.arange(0, BLOCK_T)
     ds = tl.arange(0, BLOCK_D)
 
-    total = tl.zeros([BLOCK_P], dtype=ACC_DTYPE)
+    # Squares are accumulated elementwise and reduced once after the loop: a loop-carried row
+    # reduction here is what Triton <= 3.6 miscompiles (see the module docstring).
+    total = tl.zeros([BLOCK_P, BLOCK_D], dtype=ACC_DTYPE)
     for d0 in range(0, D, BLOCK_D):
         d_mask = d0 + ds < D
         grad_tile = tl.zeros([BLOCK_P, BLOCK_D], dtype=ACC_DTYPE)  # rows of G_i^T A_i
@@ -147,23 +143,53 @@ def _linear_sq_norms_materialize_kernel(
                         mask=t_mask[:, None] & d_mask[None, :], other=0.0)
             if DOT_FP32:
                 g_t, a = g_t.to(tl.float32), a.to(tl.float32)
-            grad_tile = tl.dot(g_t, a, acc=grad_tile, input_precision=DOT_PRECISION)
-        total += tl.sum(grad_tile * grad_tile, axis=1)
-    result = tl.sum(total)
+            grad_tile = mm(g_t, a, grad_tile, USE_DOT, DOT_PRECISION)
+        total += grad_tile * grad_tile
+    result = tl.sum(tl.sum(total, axis=1), axis=0)
 
     if HAS_BIAS:
-        bias_grad = tl.zeros([BLOCK_P], dtype=ACC_DTYPE)
+        bias_acc = tl.zeros([BLOCK_P, BLOCK_T], dtype=ACC_DTYPE)
         for t0 in range(0, T, BLOCK_T):
             t_mask = t0 + ts < T
             g_t = tl.load(g_b + offs_p[:, None] * stride_gp + (t0 + ts[None, :]) * stride_gt,
                           mask=p_mask[:, None] & t_mask[None, :], other=0.0)
-            bias_grad += tl.sum(g_t.to(ACC_DTYPE), axis=1)
-        result += tl.sum(bias_grad * bias_grad)
+            bias_acc += g_t.to(ACC_DTYPE)
+        bias_grad = tl.sum(bias_acc, axis=1)
+        result += tl.sum(bias_grad * bias_grad, axis=0)
     tl.store(partial_ptr + b * NUM_P_TILES + p_tile, result)
 
 
-def _tile(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+# Launch configurations. Each rule is a plain function of the problem shape and dtype that its launcher
+# calls, returning the compile-time constants and num_warps it launches with: the ahead-of-time compile
+# test (tests/test_triton_compile.py) enumerates every configuration from these same rules.
+
+def outer_config(D: int, P: int, dtype: torch.dtype) -> dict:
+    # Bandwidth-bound: ~4K elements per loop step per program keeps loads wide without spilling.
+    block_k = tile(max(D, P), 16, 1024)
+    return dict(BLOCK_B=max(1, min(64, 4096 // block_k)), BLOCK_K=block_k, num_warps=4)
+
+
+def ghost_config(T: int, D: int, P: int, dtype: torch.dtype) -> dict:
+    if not use_dot(dtype):
+        # Broadcast multiply-sum: the (BLOCK_T, BLOCK_K, BLOCK_T) product lives in registers.
+        return dict(USE_DOT=False, BLOCK_T=tile(T, 16, 32), BLOCK_K=4, num_warps=4)
+    if dtype.itemsize > 2:
+        # fp32 (tf32x3 splits each operand in two and runs three MMAs) and fp64: 64-wide tiles spill.
+        return dict(USE_DOT=True, BLOCK_T=tile(T, 16, 32), BLOCK_K=tile(max(D, P), 16, 32), num_warps=4)
+    block_t = tile(T, 16, 64)
+    block_k = tile(max(D, P), 16, 64)
+    return dict(USE_DOT=True, BLOCK_T=block_t, BLOCK_K=block_k, num_warps=8 if block_t >= 64 else 4)
+
+
+def materialize_config(T: int, D: int, P: int, dtype: torch.dtype) -> dict:
+    if not use_dot(dtype):
+        return dict(USE_DOT=False, BLOCK_P=tile(P, 16, 32), BLOCK_D=tile(D, 16, 32), BLOCK_T=4, num_warps=4)
+    block_p = tile(P, 16, 64)
+    block_d = tile(D, 16, 64)
+    # fp32 (tf32x3: split operands, three MMAs) and fp64 take a shorter reduction tile: no spills.
+    block_t = tile(T, 16, 64 if dtype.itemsize <= 2 else 16)
+    return dict(USE_DOT=True, BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_T=block_t,
+                num_warps=8 if block_p * block_d >= 4096 else 4)
 
 
 def linear_sq_norms_outer_triton(x: torch.Tensor, grad_out: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -173,14 +199,12 @@ def linear_sq_norms_outer_triton(x: torch.Tensor, grad_out: torch.Tensor, bias: 
     out = torch.empty(B, device=x.device, dtype=accumulation_dtype(x.dtype))
     if B == 0:
         return out
-    # Bandwidth-bound: ~4K elements per loop step per program keeps loads wide without spilling.
-    block_k = _tile(max(D, P), 16, 1024)
-    block_b = max(1, min(64, 4096 // block_k))
-    grid = (triton.cdiv(B, block_b),)
+    cfg = outer_config(D, P, x.dtype)
+    grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
     _linear_sq_norms_outer_kernel[grid](
         x, grad_out, out, B, D, P,
         x.stride(0), x.stride(2), grad_out.stride(0), grad_out.stride(2),
-        HAS_BIAS=bias, ACC_DTYPE=_tl_acc_dtype(x.dtype), BLOCK_B=block_b, BLOCK_K=block_k,
+        HAS_BIAS=bias, ACC_DTYPE=tl_acc_dtype(x.dtype), **cfg,
     )
     return out
 
@@ -192,16 +216,13 @@ def linear_sq_norms_ghost_triton(x: torch.Tensor, grad_out: torch.Tensor, bias: 
     acc = accumulation_dtype(x.dtype)
     if B == 0:
         return torch.empty(0, device=x.device, dtype=acc)
-    block_t = _tile(T, 16, 64)
-    block_k = _tile(max(D, P), 16, 64 if x.element_size() <= 4 else 32)
-    num_t_tiles = triton.cdiv(T, block_t)
+    cfg = ghost_config(T, D, P, x.dtype)
+    num_t_tiles = triton.cdiv(T, cfg["BLOCK_T"])
     partial = torch.empty(B, num_t_tiles, device=x.device, dtype=acc)
     _linear_sq_norms_ghost_kernel[(B, num_t_tiles)](
         x, grad_out, partial, T, D, P,
         *x.stride(), *grad_out.stride(), num_t_tiles,
-        HAS_BIAS=bias, ACC_DTYPE=_tl_acc_dtype(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
-        DOT_FP32=_dot_operands_to_fp32(x.dtype),
-        BLOCK_T=block_t, BLOCK_K=block_k, num_warps=8 if block_t >= 64 else 4,
+        HAS_BIAS=bias, **dtype_constants(x.dtype), **cfg,
     )
     return partial.sum(1)
 
@@ -213,16 +234,12 @@ def linear_sq_norms_materialize_triton(x: torch.Tensor, grad_out: torch.Tensor, 
     acc = accumulation_dtype(x.dtype)
     if B == 0:
         return torch.empty(0, device=x.device, dtype=acc)
-    block_p = _tile(P, 16, 64)
-    block_d = _tile(D, 16, 64)
-    block_t = _tile(T, 16, 64 if x.element_size() <= 4 else 32)
-    num_p_tiles = triton.cdiv(P, block_p)
+    cfg = materialize_config(T, D, P, x.dtype)
+    num_p_tiles = triton.cdiv(P, cfg["BLOCK_P"])
     partial = torch.empty(B, num_p_tiles, device=x.device, dtype=acc)
     _linear_sq_norms_materialize_kernel[(B, num_p_tiles)](
         x, grad_out, partial, T, D, P,
         *x.stride(), *grad_out.stride(), num_p_tiles,
-        HAS_BIAS=bias, ACC_DTYPE=_tl_acc_dtype(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
-        DOT_FP32=_dot_operands_to_fp32(x.dtype),
-        BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=8 if block_p * block_d >= 4096 else 4,
+        HAS_BIAS=bias, **dtype_constants(x.dtype), **cfg,
     )
     return partial.sum(1)
