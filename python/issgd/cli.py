@@ -178,7 +178,8 @@ def _train(parser: argparse.ArgumentParser, args) -> int:
             if summary["device"].startswith("cpu"):
                 print(f"master: {summary['master_threads']} CPU threads of {summary['usable_cores']} usable cores "
                       "(--master-threads to change)")
-            print(f"\nwrote {config.out}/metrics.jsonl, metrics.png and summary.json")
+            print(f"\nwrote {config.out}/metrics.jsonl, " + ("metrics.png and " if trainer.records else "")
+                  + "summary.json")
     except (FileNotFoundError, ValueError, FloatingPointError) as exc:
         print(f"issgd train: error: {exc}", file=sys.stderr)
         return 2

@@ -291,10 +291,10 @@ class Trainer:
         except (KeyError, RuntimeError, TypeError, ValueError) as exc:
             raise CheckpointError(f"--resume: {path} does not fit this model and data ({_one_line(exc)}); "
                                   f"{fallback}") from None
-        self.resume_changes = list(state.get("resume_changes", []))
-        self._apply_hyperparameters(path)
         self.cursor.position = state["cursor"]
         self.step, self.seconds = state["step"], state["seconds"]
+        self.resume_changes = list(state.get("resume_changes", []))
+        self._apply_hyperparameters(path)
         torch.set_rng_state(state["rng"]["torch"])
         self.generator.set_state(state["rng"]["sampler"].cpu() if self.device.type == "cpu" else state["rng"]["sampler"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
