@@ -166,7 +166,7 @@ def test_master_killed_mid_run_workers_exit_and_the_checkpoint_resumes(tmp_path)
     proc = cli(out, "--workers", "2", "--steps", "1000000", "--diag-every", "0", "--checkpoint-every", "40",
                "--worker-threads", "1")
     try:
-        assert wait_until(lambda: (out / "checkpoint.prev.pt").exists() or proc.poll() is not None, 90), "no checkpoint"
+        assert wait_until(lambda: (out / "checkpoint.pt").exists() or proc.poll() is not None, 90), "no checkpoint"
         assert proc.poll() is None, proc.stderr.read()
         workers = children(proc.pid)
         assert len(workers) >= 2
@@ -350,7 +350,7 @@ def test_bad_out_is_one_line_and_exit_2(tmp_path, capsys, where):
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     out = {"existing-file": a_file, "under-a-file": a_file / "run",
-           "unwritable": Path("/proc/issgd-cannot-write-here/run")}[where]
+           "unwritable": Path("/sys/issgd-cannot-write-here/run")}[where]  # sysfs: no mkdir, even for root
     with pytest.raises(SystemExit) as exit_info:
         main(train_argv(out, "--steps", "5", "--diag-every", "0"))
     assert exit_info.value.code == 2
