@@ -15,8 +15,9 @@ for anybody:
 * the master drains the queue without blocking (``queue_len`` then ``queue_pop``) when it refreshes,
   validates every message (rank, version, index range and shard, finite non-negative norms) and logs and
   drops a bad one;
-* while the master runs diagnostics or writes a checkpoint it sets the pause key and workers start no new
-  chunk, so staleness and scoring throughput count training time only.
+* while the master runs diagnostics or writes a checkpoint, spawned workers are frozen (SIGSTOP/SIGCONT)
+  and torchrun's see the pause key and start no new chunk, so staleness and scoring throughput count
+  training time only.
 
 The store lives in the master's process (or in torchrun's agent), so a worker that dies or hangs
 costs the master nothing: its shard's weights age, and the master logs a warning. (Under torchrun,
@@ -255,12 +256,24 @@ class ScoringPool:
 
     @contextlib.contextmanager
     def paused(self):
-        """Workers start no new chunk inside this block (the master runs diagnostics or writes a checkpoint),
-        so that staleness and scoring throughput count training time only."""
+        """No scoring inside this block (the master runs diagnostics or writes a checkpoint), so that
+        staleness and scoring throughput count training time only. Workers we spawned are frozen with
+        SIGSTOP, mid-chunk if need be, and continued after (one already stopped by someone else is left
+        alone); under torchrun the pause key makes workers start no new chunk (one in flight finishes)."""
         self.store.set(KEY_PAUSE, "1")
+        frozen = []
         try:
+            for proc in self.processes or []:
+                if proc.is_alive() and _process_state(proc.pid) not in ("T", "t", "Z", None):
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    frozen.append(proc)
             yield
         finally:
+            for proc in frozen:
+                try:
+                    os.kill(proc.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
             self.store.set(KEY_PAUSE, "0")
 
     def collect(self) -> list[ScoreResult]:
@@ -364,9 +377,32 @@ class ScoringPool:
             dist.destroy_process_group()
 
 
+def _process_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, T, Z, ...); None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the master dies, even while it is stopped (paused)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 # ---------------------------------------------------------------------- the worker process
 def worker_entry(local_index: int, config: dict) -> None:
     """Entry point of a spawned worker (ranks 1..W)."""
+    _die_with_parent()
+    if os.getppid() == 1:  # the master died before the line above took effect
+        return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the master decides
     if config["device"].startswith("cpu"):
         os.nice(WORKER_NICE)  # before the imports: they alone take seconds of CPU

@@ -333,15 +333,18 @@ def test_workers_start_no_chunk_while_the_master_runs_diagnostics(tmp_path, spaw
         if trainer.step == 12:  # workers are mid-shard: ~60 chunks of 0.1 s each are left
             from issgd.distributed import QUEUE
 
-            time.sleep(0.8)  # a chunk already started may still arrive
+            time.sleep(0.8)
             before = trainer.pool.store.queue_len(QUEUE)
             time.sleep(1.5)
             growth["during"] = trainer.pool.store.queue_len(QUEUE) - before
+            growth["states"] = [Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                                for p in trainer.pool.processes]
         return real()
 
     trainer._diagnose = slow_diagnose
     trainer.run()
     assert growth["during"] == 0, f"workers pushed {growth['during']} chunks during diagnostics"
+    assert growth["states"] == ["T", "T"]  # local workers are frozen (SIGSTOP), mid-chunk if need be
 
 
 # ------------------------------------------------------------------------------ user mistakes
