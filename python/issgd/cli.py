@@ -62,7 +62,7 @@ def _add_train(sub) -> argparse.ArgumentParser:
                    help="CPU threads of the master (unset: torch's, or the cores the workers leave free)")
     g.add_argument("--worker-timeout", type=float, default=60.0,
                    help="seconds without norms for the latest parameters before a worker is reported as silent")
-    g.add_argument("--startup-timeout", type=float, default=60.0,
+    g.add_argument("--startup-timeout", type=float, default=120.0,
                    help="seconds for every scoring worker to start and report ready; past it, or as soon as one "
                         "exits, training stops with an error naming the worker")
     g = p.add_argument_group("diagnostics, checkpoints, output")

@@ -24,7 +24,7 @@ class TrainConfig:
     worker_threads: int = 1
     master_threads: int | None = None
     worker_timeout: float = 60.0
-    startup_timeout: float = 60.0  # seconds for every worker to come up before StartupError
+    startup_timeout: float = 120.0  # seconds for every worker to come up before StartupError
     diag_every: int = 100
     diag_examples: int = 10000
     checkpoint_every: int = 0

@@ -154,7 +154,7 @@ class ScoringPool:
     """The master's side of the driver: publish parameters, collect norms, watch worker health."""
 
     def __init__(self, store: dist.Store, workers: int, *, processes=None, worker_timeout: float = 60.0,
-                 startup_timeout: float = 60.0, examples: int | None = None, bootstrap_report: str | None = None):
+                 startup_timeout: float = 120.0, examples: int | None = None, bootstrap_report: str | None = None):
         self.store = store
         self.workers = workers
         self.processes = processes  # multiprocessing.Process list when we spawned them ourselves
@@ -195,7 +195,7 @@ class ScoringPool:
         return pool
 
     @classmethod
-    def from_torchrun(cls, device: torch.device, *, startup_timeout: float = 60.0, **kwargs) -> ScoringPool:
+    def from_torchrun(cls, device: torch.device, *, startup_timeout: float = 120.0, **kwargs) -> ScoringPool:
         world_size = int(os.environ["WORLD_SIZE"])
         return cls(connect(0, world_size, startup_timeout), world_size - 1, startup_timeout=startup_timeout,
                    **kwargs)
