@@ -187,7 +187,7 @@ def _train(parser: argparse.ArgumentParser, args) -> int:
         print(f"issgd train: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        print(f"issgd train: {exc or 'interrupted'}; summary.json is partial", file=sys.stderr)
+        print(f"issgd train: {exc or 'interrupted'}", file=sys.stderr)
         return 130
     except RuntimeError as exc:
         if str(exc).startswith("isgd_kernels: backend"):  # e.g. --backend triton on a machine without CUDA

@@ -104,50 +104,50 @@ class Trainer:
             self._load_checkpoint(Path(cfg.resume) if cfg.resume != "auto" else self.out / CHECKPOINT)
         else:
             (self.out / METRICS).write_text("")
-        with _sigint_sets_flag() as interrupt:
-            try:
-                if cfg.mode == "issgd" and self.workers > 0:
-                    kw = {"worker_timeout": cfg.worker_timeout, "examples": self.n}
-                    self.pool = (ScoringPool.from_torchrun(self.device, startup_timeout=cfg.startup_timeout, **kw)
-                                 if self.distributed else ScoringPool.spawn(cfg, self.workers, self.device, **kw))
-                    self.pool.start(self.model, self.step)
-                if self.step == 0 and cfg.diag_every:
-                    with self._workers_paused():
-                        self._diagnose()
-                self.model.train()  # once: scoring and diagnostics give every module its mode back
-                bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.mode, unit="step", disable=not cfg.progress,
-                           dynamic_ncols=True, mininterval=0.5)
-                with bar:
-                    tick = time.perf_counter()
-                    while self.step < cfg.steps and not interrupt.is_set():
-                        self._train_step()
-                        bar.update(1)
-                        if interrupt.is_set():
-                            break
-                        if (cfg.diag_every and self.step % cfg.diag_every == 0) or self.step == cfg.steps or (
-                                cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
-                            self.seconds += time.perf_counter() - tick
-                            with self._workers_paused():
-                                if cfg.diag_every and (self.step % cfg.diag_every == 0 or self.step == cfg.steps):
-                                    rec = self._diagnose()
-                                    bar.set_postfix(loss=f"{rec['train_loss']:.4f}",
-                                                    valid_err=f"{rec['valid_error']:.3f}", refresh=False)
-                                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                                    self._save_checkpoint()
-                            tick = time.perf_counter()
+        try:
+            if cfg.mode == "issgd" and self.workers > 0:
+                kw = {"worker_timeout": cfg.worker_timeout, "examples": self.n}
+                self.pool = (ScoringPool.from_torchrun(self.device, startup_timeout=cfg.startup_timeout, **kw)
+                             if self.distributed else ScoringPool.spawn(cfg, self.workers, self.device, **kw))
+                self.pool.start(self.model, self.step)
+            if self.step == 0 and cfg.diag_every:
+                with self._workers_paused():
+                    self._diagnose()
+            self.model.train()  # once: scoring and diagnostics give every module its mode back
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.mode, unit="step", disable=not cfg.progress,
+                       dynamic_ncols=True, mininterval=0.5)
+            with bar, _sigint_sets_flag() as interrupt:  # from here on Ctrl-C stops at the end of a step
+                tick = time.perf_counter()
+                while self.step < cfg.steps and not interrupt.is_set():
+                    self._train_step()
+                    bar.update(1)
                     if interrupt.is_set():
+                        break
+                    if (cfg.diag_every and self.step % cfg.diag_every == 0) or self.step == cfg.steps or (
+                            cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                         self.seconds += time.perf_counter() - tick
-                        self.interrupted = True
-                        if cfg.checkpoint_every:
-                            self._save_checkpoint()
-            finally:
-                if self.pool is not None:
-                    self.pool.close()
+                        with self._workers_paused():
+                            if cfg.diag_every and (self.step % cfg.diag_every == 0 or self.step == cfg.steps):
+                                rec = self._diagnose()
+                                bar.set_postfix(loss=f"{rec['train_loss']:.4f}",
+                                                valid_err=f"{rec['valid_error']:.3f}", refresh=False)
+                            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                                self._save_checkpoint()
+                        tick = time.perf_counter()
+                if interrupt.is_set():
+                    self.seconds += time.perf_counter() - tick
+                    self.interrupted = True
+                    if cfg.checkpoint_every:
+                        self._save_checkpoint()
+        finally:
+            if self.pool is not None:
+                self.pool.close()
         summary = self.summary()
         (self.out / "summary.json").write_text(to_json(summary, indent=1))
         if self.interrupted:
             raise KeyboardInterrupt(f"interrupted at step {self.step}"
-                                    + (f"; checkpoint {self.out / CHECKPOINT}" if cfg.checkpoint_every else ""))
+                                    + (f"; checkpoint {self.out / CHECKPOINT}" if cfg.checkpoint_every else "")
+                                    + f"; partial summary {self.out / 'summary.json'}")
         return summary
 
     def _workers_paused(self):
