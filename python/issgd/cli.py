@@ -62,13 +62,21 @@ def _add_train(sub) -> argparse.ArgumentParser:
                    help="CPU threads of the master (unset: torch's, or the cores the workers leave free)")
     g.add_argument("--worker-timeout", type=float, default=60.0,
                    help="seconds without norms for the latest parameters before a worker is reported as silent")
+    g.add_argument("--startup-timeout", type=float, default=120.0,
+                   help="seconds for every scoring worker to start and report ready; past it, or as soon as one "
+                        "exits, training stops with an error naming the worker")
     g = p.add_argument_group("diagnostics, checkpoints, output")
     g.add_argument("--diag-every", type=int, default=100, help="steps between diagnostics (0: none)")
     g.add_argument("--diag-examples", type=int, default=10000,
                    help="diagnostics use the whole training set up to this size, else a fixed random subset")
-    g.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: none)")
+    g.add_argument("--checkpoint-every", type=int, default=0,
+                   help="steps between checkpoints (0: none); OUT/checkpoint.pt is the last, checkpoint.prev.pt "
+                        "the one before; Ctrl-C also writes one")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                   help="continue from a checkpoint (without PATH: OUT/checkpoint.pt)")
+                   help="continue from a checkpoint (without PATH: OUT/checkpoint.pt). A --lr or --momentum "
+                        "different from the checkpoint's is applied to the optimizer from the resumed step on "
+                        "and recorded in summary.json (resume_changes); the model, data and sampling flags "
+                        "must match")
     g.add_argument("--out", default="runs/issgd", help="output folder (metrics.jsonl, plots, summary)")
     g.add_argument("--seed", type=int, default=0, help="seed of the data split, initial parameters and draws")
     g.add_argument("--device", choices=DEVICE_CHOICES, default="cpu", help="where the master trains")
@@ -126,14 +134,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def _train(parser: argparse.ArgumentParser, args) -> int:
     from issgd.compare import run_comparison
-    from issgd.distributed import launched_by_torchrun, run_worker
+    from issgd.distributed import StartupError, launched_by_torchrun, run_worker
     from issgd.config import ConfigError
     from issgd.trainer import TrainConfig, Trainer
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     fields = ("steps", "batch_size", "lr", "momentum", "smoothing", "refresh_every", "dataset", "data_dir", "model",
-              "hidden", "workers", "chunk_size", "worker_threads", "master_threads", "worker_timeout", "diag_every",
+              "hidden", "workers", "chunk_size", "worker_threads", "master_threads", "worker_timeout", "startup_timeout", "diag_every",
               "diag_examples", "checkpoint_every", "resume", "out", "seed", "device", "backend")
     values = {f: getattr(args, f) for f in fields}
     try:
@@ -143,6 +151,9 @@ def _train(parser: argparse.ArgumentParser, args) -> int:
         parser.error(f"argument --{exc.field.replace('_', '-')}: {str(exc).split(' ', 1)[1]}")
     if args.mode == "both" and args.resume:
         parser.error("--resume continues one run: resume OUT/issgd or OUT/usgd with --mode issgd|usgd")
+    problem = _unwritable(Path(config.out))
+    if problem:
+        parser.error(f"argument --out: {config.out} {problem}")
     if launched_by_torchrun():
         import os
 
@@ -167,11 +178,44 @@ def _train(parser: argparse.ArgumentParser, args) -> int:
             if summary["device"].startswith("cpu"):
                 print(f"master: {summary['master_threads']} CPU threads of {summary['usable_cores']} usable cores "
                       "(--master-threads to change)")
-            print(f"\nwrote {config.out}/metrics.jsonl, metrics.png and summary.json")
+            print(f"\nwrote {config.out}/metrics.jsonl, " + ("metrics.png and " if trainer.records else "")
+                  + "summary.json")
     except (FileNotFoundError, ValueError, FloatingPointError) as exc:
         print(f"issgd train: error: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"issgd train: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        print(f"issgd train: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        if str(exc).startswith("isgd_kernels: backend"):  # e.g. --backend triton on a machine without CUDA
+            print(f"issgd train: error: argument --backend: {exc}", file=sys.stderr)
+            return 2
+        raise
     return 0
+
+
+def _unwritable(out: Path) -> str | None:
+    """Why the output folder cannot be used (None: it can): it is a file, lies under a file, or cannot be
+    created or written."""
+    import os
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        return "is an existing file, not a folder"
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            return f"lies under {parent}, which is a file"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".issgd-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"cannot be written ({exc.strerror or exc})"
+    return None
 
 
 def _plot(parser: argparse.ArgumentParser, args) -> int:

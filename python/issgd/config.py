@@ -24,6 +24,7 @@ class TrainConfig:
     worker_threads: int = 1
     master_threads: int | None = None
     worker_timeout: float = 60.0
+    startup_timeout: float = 120.0  # seconds for every worker to come up before StartupError
     diag_every: int = 100
     diag_examples: int = 10000
     checkpoint_every: int = 0
@@ -48,7 +49,8 @@ class TrainConfig:
                   ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
                   ("worker_threads", self.worker_threads >= 1, "must be >= 1"),
                   ("master_threads", self.master_threads is None or self.master_threads >= 1, "must be >= 1"),
-                  ("worker_timeout", self.worker_timeout > 0, "must be > 0")]
+                  ("worker_timeout", self.worker_timeout > 0, "must be > 0"),
+                  ("startup_timeout", self.startup_timeout > 0, "must be > 0")]
         for name, ok, message in checks:
             if not ok:
                 raise ConfigError(name, f"{name} {message}, got {getattr(self, name)!r}"

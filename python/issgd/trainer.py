@@ -9,10 +9,13 @@ replacement) and is the same in every other respect.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +27,7 @@ import isgd_kernels
 from isgd_kernels.scorer import evaluating
 from issgd.config import TrainConfig
 from issgd.diagnostics import loss_and_error, variance_diagnostics
-from issgd.distributed import ScoringPool, launched_by_torchrun
+from issgd.distributed import ScoringPool, launched_by_torchrun, refuse_in_bootstrap
 from issgd.job import build_job
 from issgd.report import to_json
 from issgd.scoring import XENT, ChunkCursor, ScoreBoard
@@ -35,15 +38,26 @@ __all__ = ["TrainConfig", "Trainer"]
 log = logging.getLogger("issgd")
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before the last one
 METRICS = "metrics.jsonl"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, truncated, empty, not a checkpoint, a directory."""
 
 
 class Trainer:
     """Runs one training job; ``run()`` returns its summary. ``on_step(trainer, step, index)`` is
-    called after every master step with the batch's example indices (used by tests)."""
+    called after every master step with the batch's example indices (used by tests).
+
+    SIGINT (Ctrl-C) in the main thread stops training at the end of the current step: a checkpoint is
+    written (with ``checkpoint_every`` set), then a partial summary (``"interrupted": true``), then
+    ``run()`` raises KeyboardInterrupt."""
 
     def __init__(self, config: TrainConfig, *, on_step=None):
         self.config = config.validate()
+        if config.mode == "issgd" and config.workers > 0 and not launched_by_torchrun():
+            refuse_in_bootstrap()  # a spawned worker re-running an unguarded script: fail fast, say why
         self.on_step = on_step
         self.out = Path(config.out)
         self.device = torch.device(config.device)
@@ -76,6 +90,8 @@ class Trainer:
         self.step = 0
         self.seconds = 0.0  # training wall-clock: excludes diagnostics and checkpoints
         self.records: list[dict] = []
+        self.resume_changes: list[dict] = []  # hyper-parameters a --resume changed, applied from its step on
+        self.interrupted = False
         self._losses: list[torch.Tensor] = []
         diag = torch.randperm(self.n, generator=torch.Generator().manual_seed(config.seed + 2))
         self.diag_index = diag[:config.diag_examples].sort().values.to(self.device)
@@ -90,36 +106,53 @@ class Trainer:
             (self.out / METRICS).write_text("")
         try:
             if cfg.mode == "issgd" and self.workers > 0:
-                kw = {"worker_timeout": cfg.worker_timeout}
-                self.pool = (ScoringPool.from_torchrun(self.device, **kw) if self.distributed
-                             else ScoringPool.spawn(cfg, self.workers, self.device, **kw))
+                kw = {"worker_timeout": cfg.worker_timeout, "examples": self.n}
+                self.pool = (ScoringPool.from_torchrun(self.device, startup_timeout=cfg.startup_timeout, **kw)
+                             if self.distributed else ScoringPool.spawn(cfg, self.workers, self.device, **kw))
                 self.pool.start(self.model, self.step)
             if self.step == 0 and cfg.diag_every:
-                self._diagnose()
+                with self._workers_paused():
+                    self._diagnose()
             self.model.train()  # once: scoring and diagnostics give every module its mode back
             bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.mode, unit="step", disable=not cfg.progress,
                        dynamic_ncols=True, mininterval=0.5)
-            with bar:
+            with bar, _sigint_sets_flag() as interrupt:  # from here on Ctrl-C stops at the end of a step
                 tick = time.perf_counter()
-                while self.step < cfg.steps:
+                while self.step < cfg.steps and not interrupt.is_set():
                     self._train_step()
+                    bar.update(1)
+                    if interrupt.is_set():
+                        break
                     if (cfg.diag_every and self.step % cfg.diag_every == 0) or self.step == cfg.steps or (
                             cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                         self.seconds += time.perf_counter() - tick
-                        if cfg.diag_every and (self.step % cfg.diag_every == 0 or self.step == cfg.steps):
-                            rec = self._diagnose()
-                            bar.set_postfix(loss=f"{rec['train_loss']:.4f}", valid_err=f"{rec['valid_error']:.3f}",
-                                            refresh=False)
-                        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                            self._save_checkpoint()
+                        with self._workers_paused():
+                            if cfg.diag_every and (self.step % cfg.diag_every == 0 or self.step == cfg.steps):
+                                rec = self._diagnose()
+                                bar.set_postfix(loss=f"{rec['train_loss']:.4f}",
+                                                valid_err=f"{rec['valid_error']:.3f}", refresh=False)
+                            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                                self._save_checkpoint()
                         tick = time.perf_counter()
-                    bar.update(1)
+                if interrupt.is_set():
+                    self.seconds += time.perf_counter() - tick
+                    self.interrupted = True
+                    if cfg.checkpoint_every:
+                        self._save_checkpoint()
         finally:
             if self.pool is not None:
                 self.pool.close()
         summary = self.summary()
         (self.out / "summary.json").write_text(to_json(summary, indent=1))
+        if self.interrupted:
+            raise KeyboardInterrupt(f"interrupted at step {self.step}"
+                                    + (f"; checkpoint {self.out / CHECKPOINT}" if cfg.checkpoint_every else "")
+                                    + f"; partial summary {self.out / 'summary.json'}")
         return summary
+
+    def _workers_paused(self):
+        """Workers start no chunk while the master is away from training (diagnostics, checkpoints)."""
+        return self.pool.paused() if self.pool is not None else contextlib.nullcontext()
 
     def _train_step(self) -> None:
         if self.config.mode == "issgd" and (self.step % self.config.refresh_every == 0 or self.table is None):
@@ -200,10 +233,11 @@ class Trainer:
                "mean_staleness": _mean(r.get("staleness_mean") for r in recs) if cfg.mode == "issgd" else None,
                "device": str(self.device), "workers": self.workers if cfg.mode == "issgd" else 0,
                "master_threads": self.threads, "usable_cores": usable_cores(),
-               "torch": torch.__version__}
+               "torch": torch.__version__, "interrupted": self.interrupted, "resume_changes": self.resume_changes}
         if self.pool is not None:
             busy = sum(self.pool.worker_seconds.values())
             out.update(sync_seconds=self.pool.sync_seconds, scored_examples=self.pool.scored_examples,
+                       rejected_messages=self.pool.rejected,
                        scoring_examples_per_second=self.pool.scored_examples / self.seconds if self.seconds else None,
                        scoring_examples_per_worker_second=self.pool.scored_examples / busy if busy else None)
         return out
@@ -215,26 +249,52 @@ class Trainer:
                  "board": self.board.state_dict(), "cursor": self.cursor.position,
                  "rng": {"torch": torch.get_rng_state(), "sampler": self.generator.get_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                 "losses": [float(x) for x in self._losses], "records": self.records}
+                 "losses": [float(x) for x in self._losses], "records": self.records,
+                 "resume_changes": self.resume_changes}
         path = self.out / CHECKPOINT
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
+        if path.is_file():
+            os.replace(path, self.out / PREVIOUS)  # keep one previous checkpoint to fall back on
+        os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoints intact
 
     def _load_checkpoint(self, path: Path) -> None:
+        previous = path.parent / PREVIOUS
+        fallback = (f"resume from the previous one (--resume {previous}) or start a fresh run without --resume"
+                    if previous.is_file() and previous != path else "start a fresh run without --resume")
         if not path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path} (written by --checkpoint-every)")
-        state = torch.load(path, map_location=self.device)
+            raise FileNotFoundError(f"--resume: no checkpoint at {path} (written by --checkpoint-every)"
+                                    + (f"; {fallback}" if previous.is_file() else ""))
+        try:
+            if path.is_dir():
+                raise IsADirectoryError("a directory")
+            # weights_only: a checkpoint is tensors and plain data, never code to run.
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            if not isinstance(state, dict):
+                raise TypeError(f"holds a {type(state).__name__}")
+            missing = {"config", "step", "seconds", "model", "optimizer", "board", "cursor", "rng", "losses",
+                       "records"} - set(state)
+            if missing:
+                raise KeyError(f"lacks {', '.join(sorted(missing))}")
+        except Exception as exc:  # noqa: BLE001  (whatever is wrong with the file, the answer is the same)
+            raise CheckpointError(f"--resume: {path} is not a usable checkpoint ({_one_line(exc)}); "
+                                  f"{fallback}") from None
         saved = state["config"]
         for key in ("mode", "dataset", "model", "hidden", "batch_size", "smoothing", "refresh_every", "seed"):
             if _as_plain(saved[key]) != _as_plain(getattr(self.config, key)):
                 raise ValueError(f"--resume: checkpoint {path} was written with {key}={saved[key]!r}, "
                                  f"this run has {key}={getattr(self.config, key)!r}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.board.load_state_dict(state["board"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.board.load_state_dict(state["board"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"--resume: {path} does not fit this model and data ({_one_line(exc)}); "
+                                  f"{fallback}") from None
         self.cursor.position = state["cursor"]
         self.step, self.seconds = state["step"], state["seconds"]
+        self.resume_changes = list(state.get("resume_changes", []))
+        self._apply_hyperparameters(path)
         torch.set_rng_state(state["rng"]["torch"])
         self.generator.set_state(state["rng"]["sampler"].cpu() if self.device.type == "cpu" else state["rng"]["sampler"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
@@ -247,6 +307,48 @@ class Trainer:
         with open(self.out / METRICS, "w") as f:  # drop what was logged after the checkpoint
             f.writelines(to_json(r) + "\n" for r in self.records)
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _apply_hyperparameters(self, path: Path) -> None:
+        """--resume with another --lr / --momentum: the optimizer takes this run's values from the resumed
+        step on (its momentum buffers are kept), and summary.json records the change."""
+        cfg = self.config
+        wanted = {"lr": cfg.lr, "momentum": cfg.momentum, "nesterov": cfg.momentum > 0}
+        changed = {}
+        for group in self.optimizer.param_groups:
+            for key, value in wanted.items():
+                if group[key] != value:
+                    changed[key] = [group[key], value]
+                    group[key] = value
+        if changed:
+            self.resume_changes.append({"step": self.step, **changed})
+            log.warning("--resume: %s changed from the checkpoint %s; applied from step %d on",
+                        ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), path, self.step)
+
+
+@contextlib.contextmanager
+def _sigint_sets_flag():
+    """Within the block, SIGINT sets the yielded event instead of raising (in the main thread only); a
+    second SIGINT raises KeyboardInterrupt at once."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        flag.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text[:160]}"
 
 
 def _ratio(record: dict, key: str) -> float | None:
