@@ -101,9 +101,22 @@ def copy_bandwidth_gbps(device) -> float | None:
     return 2 * src.numel() / ms / 1e6
 
 
+def matmul_peak_tflops(device, dtype: torch.dtype) -> float | None:
+    """Measured matmul throughput of a large square product in `dtype` (fp32 with torch's default
+    precision, i.e. no TF32 unless enabled), the compute ceiling of the roofline."""
+    if device.type != "cuda":
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = measure(lambda: a @ b, device)["median_ms"]
+    return 2 * n ** 3 / ms / 1e9
+
+
 def run_linear(device: torch.device, quick: bool = False) -> list[dict]:
     rows = []
     ceiling = copy_bandwidth_gbps(device)
+    peaks = {dtype: matmul_peak_tflops(device, dtype) for dtype in (torch.float32, torch.bfloat16)}
     for B, T, d_in, d_out in linear_shapes(device, quick):
         x, g, ref = linear_inputs(B, T, d_in, d_out, device)
         auto_method = isgd_kernels.choose_method(T, d_in, d_out)
@@ -122,6 +135,8 @@ def run_linear(device: torch.device, quick: bool = False) -> list[dict]:
                 "chosen_by_cost_rule": resolved == auto_method, **t,
                 "GB/s": gbps, "copy_bw_fraction": gbps / ceiling if ceiling else None,
                 "TFLOP/s": flops / t["median_ms"] / 1e9,
+                "matmul_peak_fraction": (flops / t["median_ms"] / 1e9 / peaks[x.dtype]
+                                         if peaks.get(x.dtype) else None),
                 "peak_extra_mb": peak_extra_memory_mb(fn, device), "max_rel_err": err,
             })
             print(f"  B={B} T={T} {backend}/{resolved}: {t['median_ms']:.3f} ms err {err:.1e}", flush=True)
@@ -235,9 +250,10 @@ def report_linear(rows, device, out_dir):
     out = write_results(
         rows, "linear", out_dir, device, title="linear_grad_sq_norms per backend and method",
         columns=["B", "T", "d_in", "d_out", "backend", "method", "chosen_by_cost_rule", "median_ms",
-                 "GB/s", "copy_bw_fraction", "TFLOP/s", "peak_extra_mb", "max_rel_err"],
+                 "GB/s", "copy_bw_fraction", "TFLOP/s", "matmul_peak_fraction", "peak_extra_mb", "max_rel_err"],
         notes=["GB/s counts one read of x and grad_out. copy_bw_fraction: GB/s over a measured device-to-device "
-               "copy (GPU only). TFLOP/s counts the chosen method's algorithmic FLOPs.",
+               "copy (GPU only). TFLOP/s counts the chosen method's algorithmic FLOPs; matmul_peak_fraction: TFLOP/s "
+               "over an 8192^3 matmul of the input dtype measured in the same run (GPU only).",
                "max_rel_err: against the float64 reference on the same inputs."])
     _plot_linear(rows, out / "linear.png", device)
     return out
