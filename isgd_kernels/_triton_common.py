@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from isgd_kernels._checks import accumulation_dtype
+
 
 def tl_acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -64,3 +66,13 @@ def dtype_constants(dtype: torch.dtype) -> dict:
     """The dtype-derived compile-time constants every norm kernel takes besides HAS_BIAS and the tiles."""
     return dict(ACC_DTYPE=tl_acc_dtype(dtype), DOT_PRECISION=dot_precision(dtype),
                 DOT_FP32=dot_operands_to_fp32(dtype))
+
+
+def partial_sums(kernel, x: torch.Tensor, grad_out: torch.Tensor, middle: tuple, rows: int, num_tiles: int,
+                 **constexprs) -> torch.Tensor:
+    """Runs ``kernel(x, grad_out, partial, *middle, num_tiles, **constexprs)`` on a (rows, num_tiles) grid,
+    each program writing one partial sum, and returns their sum per row: (rows,) in the accumulation
+    dtype. Reduced by torch, so deterministic, unlike atomics."""
+    partial = torch.empty(rows, num_tiles, device=x.device, dtype=accumulation_dtype(x.dtype))
+    kernel[(rows, num_tiles)](x, grad_out, partial, *middle, num_tiles, **constexprs)
+    return partial.sum(1)

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from isgd_kernels.cost import choose_method
 from isgd_kernels._checks import accumulation_dtype
-from isgd_kernels._triton_common import dtype_constants, mm, tile, use_dot
+from isgd_kernels._triton_common import dtype_constants, mm, partial_sums, tile, use_dot
 
 
 @triton.jit
@@ -245,19 +245,12 @@ def conv_sq_norms_triton(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: S
     resolved = choose_method(T, K, pg, method)
     args = (groups, cg, pg, T, K, D, H, W, OH, OW, ks[1], ks[2], kvol, *st, *lo, *dil,
             *x.stride(), *grad_out.stride())
-    common = dict(HAS_BIAS=bias, **dtype_constants(x.dtype))
     if resolved == "materialize":
-        cfg = conv_materialize_config(T, K, pg, x.dtype)
+        kernel, cfg = _conv_sq_norms_materialize_kernel, conv_materialize_config(T, K, pg, x.dtype)
         num_tiles = triton.cdiv(pg, cfg["BLOCK_P"])
-        partial = torch.empty(B * groups, num_tiles, device=x.device, dtype=acc)
-        _conv_sq_norms_materialize_kernel[(B * groups, num_tiles)](
-            x, grad_out, partial, *args, num_tiles, **common, **cfg,
-        )
     else:
-        cfg = conv_ghost_config(T, K, pg, x.dtype)
+        kernel, cfg = _conv_sq_norms_ghost_kernel, conv_ghost_config(T, K, pg, x.dtype)
         num_tiles = triton.cdiv(T, cfg["BLOCK_T"])
-        partial = torch.empty(B * groups, num_tiles, device=x.device, dtype=acc)
-        _conv_sq_norms_ghost_kernel[(B * groups, num_tiles)](
-            x, grad_out, partial, *args, num_tiles, **common, **cfg,
-        )
-    return partial.view(B, -1).sum(1)
+    per_group = partial_sums(kernel, x, grad_out, args, B * groups, num_tiles, HAS_BIAS=bias,
+                             **dtype_constants(x.dtype), **cfg)
+    return per_group.view(B, groups).sum(1)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from isgd_kernels._checks import accumulation_dtype
-from isgd_kernels._triton_common import dtype_constants, mm, tile, tl_acc_dtype, use_dot
+from isgd_kernels._triton_common import dtype_constants, mm, partial_sums, tile, tl_acc_dtype, use_dot
 
 
 @triton.jit
@@ -217,14 +217,8 @@ def linear_sq_norms_ghost_triton(x: torch.Tensor, grad_out: torch.Tensor, bias: 
     if B == 0:
         return torch.empty(0, device=x.device, dtype=acc)
     cfg = ghost_config(T, D, P, x.dtype)
-    num_t_tiles = triton.cdiv(T, cfg["BLOCK_T"])
-    partial = torch.empty(B, num_t_tiles, device=x.device, dtype=acc)
-    _linear_sq_norms_ghost_kernel[(B, num_t_tiles)](
-        x, grad_out, partial, T, D, P,
-        *x.stride(), *grad_out.stride(), num_t_tiles,
-        HAS_BIAS=bias, **dtype_constants(x.dtype), **cfg,
-    )
-    return partial.sum(1)
+    return partial_sums(_linear_sq_norms_ghost_kernel, x, grad_out, (T, D, P, *x.stride(), *grad_out.stride()),
+                        B, triton.cdiv(T, cfg["BLOCK_T"]), HAS_BIAS=bias, **dtype_constants(x.dtype), **cfg)
 
 
 def linear_sq_norms_materialize_triton(x: torch.Tensor, grad_out: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -235,11 +229,5 @@ def linear_sq_norms_materialize_triton(x: torch.Tensor, grad_out: torch.Tensor, 
     if B == 0:
         return torch.empty(0, device=x.device, dtype=acc)
     cfg = materialize_config(T, D, P, x.dtype)
-    num_p_tiles = triton.cdiv(P, cfg["BLOCK_P"])
-    partial = torch.empty(B, num_p_tiles, device=x.device, dtype=acc)
-    _linear_sq_norms_materialize_kernel[(B, num_p_tiles)](
-        x, grad_out, partial, T, D, P,
-        *x.stride(), *grad_out.stride(), num_p_tiles,
-        HAS_BIAS=bias, **dtype_constants(x.dtype), **cfg,
-    )
-    return partial.sum(1)
+    return partial_sums(_linear_sq_norms_materialize_kernel, x, grad_out, (T, D, P, *x.stride(), *grad_out.stride()),
+                        B, triton.cdiv(P, cfg["BLOCK_P"]), HAS_BIAS=bias, **dtype_constants(x.dtype), **cfg)
