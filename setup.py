@@ -29,7 +29,8 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # torch.library.custom_op and register_fake, which every op here uses, arrived in torch 2.4.
 MIN_TORCH = (2, 4)
-_torch_version = tuple(int("".join(c for c in v if c.isdigit()) or 0) for v in torch.__version__.split("+")[0].split(".")[:2])
+_torch_version = tuple(int("".join(c for c in part if c.isdigit()) or 0)
+                       for part in torch.__version__.split("+")[0].split(".")[:2])
 if _torch_version < MIN_TORCH:
     raise SystemExit(f"isgd_kernels needs torch >= {'.'.join(map(str, MIN_TORCH))}, found {torch.__version__}: "
                      "upgrade torch first, then build with `pip install --no-build-isolation .`")
