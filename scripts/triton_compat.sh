@@ -12,7 +12,8 @@ VENV=${ISGD_COMPAT_VENV:-.venv-triton${MAJMIN//./}}
 
 if ! "$VENV/bin/python" -c "import triton, sys; sys.exit(triton.__version__ != '$VER')" 2>/dev/null; then
   "$PY" -m venv --system-site-packages "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --no-deps "triton==$VER"
+  echo "[triton-compat] installing triton==$VER into $VENV (once)"
+  "$VENV/bin/python" -m pip install --quiet --quiet --no-deps "triton==$VER"
 fi
 # Test this checkout's package, whatever isgd_kernels the base Python has installed.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
