@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from isgd_kernels._checks import accumulation_dtype
 from isgd_kernels.scorer import rules  # noqa: F401  (registers the built-in rules)
+from isgd_kernels.scorer.rules.fallback import autograd_fallback_rule, replaying, warn_once
 from isgd_kernels.scorer.registry import (RULES, LayerCapture, Rule, UnsupportedModuleError, register_rule,
                                           supported_names)
 
@@ -80,18 +81,22 @@ class GradNormScorer:
             passes, no model layer) that example i's loss depends on row i of the outputs only, which
             refuses losses that couple examples (InfoNCE, losses normalised over the batch) and
             sequence-first outputs (T, B, ...) even when T == B.
+        fallback: a module with trainable parameters and no rule (a custom or third-party layer, a bare
+            parameter of the root module) is scored by the exact autograd fallback
+            (isgd_kernels.scorer.rules.fallback), with a one-time warning; False refuses it instead.
 
     `.grad` of the parameters is never touched; the model's requires_grad flags are restored.
     """
 
     def __init__(self, model: nn.Module, *, eval_mode: bool = True, backend: str = "auto",
-                 check_examples_separate: bool = True):
+                 check_examples_separate: bool = True, fallback: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradNormScorer: model must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.eval_mode = eval_mode
         self.backend = backend
         self.check_examples_separate = check_examples_separate
+        self.fallback = fallback
         self._uses_checked_for: tuple | None = None
         self._per_layer: dict | None = None  # set by verify() to record each layer's share
         self.layers: list[LayerCapture] = self._plan()  # fail early on unsupported modules
@@ -105,12 +110,12 @@ class GradNormScorer:
             if not any(trainable.values()):
                 continue
             label = name or "<root>"
-            if type(module) not in RULES:
+            if type(module) not in RULES and not self.fallback:
                 raise UnsupportedModuleError(
                     f"GradNormScorer: module '{label}' ({type(module).__name__}) has trainable parameters "
                     f"{[p for p, t in trainable.items() if t]} and no per-example norm rule. Supported: "
-                    f"{supported_names()}. Freeze it (requires_grad_(False)) to leave it out, or add a rule with "
-                    "isgd_kernels.scorer.register_rule.")
+                    f"{supported_names()}. Freeze it (requires_grad_(False)) to leave it out, add a rule with "
+                    "isgd_kernels.scorer.register_rule, or allow the slow exact fallback (fallback=True).")
             for pname, p in params.items():
                 if trainable[pname] and p in owner:
                     raise ValueError(
@@ -118,6 +123,8 @@ class GradNormScorer:
                         "norms of shared parameters need the sum of both uses' gradients, which is not supported.")
                 owner[p] = f"{label}.{pname}"
             captures.append(LayerCapture(label, module, trainable))
+            if type(module) not in RULES:
+                warn_once(captures[-1])
         return captures
 
     def norms(self, inputs, targets, loss_fn: LossFn, *, return_losses: bool = False):
@@ -221,6 +228,8 @@ class GradNormScorer:
     @staticmethod
     def _make_hook(cap: LayerCapture, batch: int, anchor: torch.Tensor, total: "_NormTotal"):
         def hook(module, inputs, kwargs, output):
+            if replaying():  # a fallback rule re-running a module's forward in backward: not a new call
+                return None
             cap.calls += 1
             if cap.calls > 1:
                 raise ValueError(
@@ -347,7 +356,7 @@ class _NormTotal:
         self.per_layer = per_layer  # name -> (B,) squared norm, when the caller wants the breakdown
 
     def add(self, cap: LayerCapture, grad_output: torch.Tensor) -> None:
-        sq = RULES[type(cap.module)](cap, grad_output, self.backend)
+        sq = RULES.get(type(cap.module), autograd_fallback_rule)(cap, grad_output, self.backend)
         cap.inputs, cap.kwargs = (), {}  # free the layer's activations as soon as its norm is known
         self.sum = sq.double() if self.sum is None else self.sum + sq.double()
         if self.per_layer is not None:

@@ -151,7 +151,7 @@ def test_norms_only_backward_runs_no_weight_gradient_gemm():
     assert full.count == 4 + 3 + 4
 
 
-def test_unsupported_module_is_named():
+def test_unsupported_module_is_named_when_the_fallback_is_off():
     class Gate(nn.Module):  # a custom layer: no rule
         def __init__(self):
             super().__init__()
@@ -162,12 +162,12 @@ def test_unsupported_module_is_named():
 
     model = nn.Sequential(nn.Linear(4, 4), Gate(), nn.Linear(4, 2))
     with pytest.raises(UnsupportedModuleError, match=r"module '1' \(Gate\).*\['weight'\]"):
-        GradNormScorer(model)
+        GradNormScorer(model, fallback=False)
     model[1].requires_grad_(False)  # frozen: fine
-    GradNormScorer(model).norms(torch.randn(3, 4), torch.tensor([0, 1, 0]), xent)
+    GradNormScorer(model, fallback=False).norms(torch.randn(3, 4), torch.tensor([0, 1, 0]), xent)
 
 
-def test_custom_parameter_on_root_is_refused():
+def test_custom_parameter_on_root_is_refused_when_the_fallback_is_off():
     class Scaled(nn.Module):
         def __init__(self):
             super().__init__()
@@ -178,7 +178,7 @@ def test_custom_parameter_on_root_is_refused():
             return self.fc(x) * self.scale
 
     with pytest.raises(UnsupportedModuleError, match=r"'<root>' \(Scaled\).*\['scale'\]"):
-        GradNormScorer(Scaled())
+        GradNormScorer(Scaled(), fallback=False)
 
 
 def test_mean_reduction_is_refused():
@@ -439,3 +439,66 @@ def test_verify_agrees_on_a_supported_model_and_names_a_wrong_rule():
         register_rule(nn.Linear, linear_rule)
     assert not report.ok and report.disagreeing == ["0 (Linear)", "3 (Linear)"]
     assert "<-- disagrees" in str(report)
+
+
+
+class _Conv1D(nn.Module):
+    """GPT-2's Conv1D: a Linear with a transposed weight, through addmm (no rule: the fallback's case)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
+
+
+class _LoRALinear(nn.Module):
+    """A frozen base Linear plus a trainable low-rank update, the LoRA pattern."""
+
+    def __init__(self, d_in, d_out, rank=2):
+        super().__init__()
+        self.base = nn.Linear(d_in, d_out).requires_grad_(False)
+        self.lora_a = nn.Parameter(torch.randn(rank, d_in) * 0.3)
+        self.lora_b = nn.Parameter(torch.randn(d_out, rank) * 0.3)
+
+    def forward(self, x):
+        return self.base(x) + x @ self.lora_a.T @ self.lora_b.T
+
+
+class _TokenModel(nn.Module):
+    """A bare positional-embedding parameter on the root, a Conv1D and a LoRA layer over (B, T, d)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.pos = nn.Parameter(torch.randn(5, 6) * 0.2)
+        self.proj = _Conv1D(7, 6)
+        self.lora = _LoRALinear(7, 4)
+
+    def forward(self, tokens):
+        h = torch.tanh(self.proj(self.emb(tokens) + self.pos))
+        return self.lora(h).mean(1)
+
+
+def test_exact_fallback_for_layers_without_a_rule():
+    """Custom layers (GPT-2's Conv1D, LoRA) and a bare root parameter go through the exact autograd fallback,
+    with a one-time warning; the norms equal float64 vmap's, also with a chunk smaller than the batch."""
+    import isgd_kernels.scorer.rules.fallback as fallback
+
+    torch.manual_seed(16)
+    model = _TokenModel().double()
+    tokens, y = torch.randint(0, 11, (6, 5)), torch.randint(0, 4, (6,))
+    expected = vmap_norms(model, xent, tokens, y)
+    with pytest.warns(UserWarning, match="exact autograd fallback"):
+        scorer = GradNormScorer(model)
+    assert_close_rel(scorer.norms(tokens, y, xent), expected, 1e-10)
+    chunk = fallback._CHUNK_ELEMENTS
+    fallback._CHUNK_ELEMENTS = 2 * 5 * 7  # two examples' output gradient at a time
+    try:
+        assert_close_rel(scorer.norms(tokens, y, xent), expected, 1e-10)
+    finally:
+        fallback._CHUNK_ELEMENTS = chunk
+    report = scorer.verify(tokens, y, xent)
+    assert report.ok, str(report)
