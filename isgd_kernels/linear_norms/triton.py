@@ -210,24 +210,23 @@ def linear_sq_norms_outer_triton(x: torch.Tensor, grad_out: torch.Tensor, bias: 
 
 
 def linear_sq_norms_ghost_triton(x: torch.Tensor, grad_out: torch.Tensor, bias: bool) -> torch.Tensor:
-    """Ghost-norm path. x (B, T, d_in), grad_out (B, T, d_out) -> (B,)."""
-    B, T, D = x.shape
-    P = grad_out.shape[2]
-    acc = accumulation_dtype(x.dtype)
-    if B == 0:
-        return torch.empty(0, device=x.device, dtype=acc)
-    cfg = ghost_config(T, D, P, x.dtype)
-    return partial_sums(_linear_sq_norms_ghost_kernel, x, grad_out, (T, D, P, *x.stride(), *grad_out.stride()),
-                        B, triton.cdiv(T, cfg["BLOCK_T"]), HAS_BIAS=bias, **dtype_constants(x.dtype), **cfg)
+    """Ghost-norm path. x (B, T, d_in), grad_out (B, T, d_out) -> (B,): one program per (example, row tile)."""
+    return _launch_tiled(_linear_sq_norms_ghost_kernel, ghost_config, "BLOCK_T", x, grad_out, bias)
 
 
 def linear_sq_norms_materialize_triton(x: torch.Tensor, grad_out: torch.Tensor, bias: bool) -> torch.Tensor:
-    """Tile-materialize path. x (B, T, d_in), grad_out (B, T, d_out) -> (B,)."""
+    """Tile-materialize path. x (B, T, d_in), grad_out (B, T, d_out) -> (B,): one program per (example, d_out tile)."""
+    return _launch_tiled(_linear_sq_norms_materialize_kernel, materialize_config, "BLOCK_P", x, grad_out, bias)
+
+
+def _launch_tiled(kernel, config, tiled_by: str, x: torch.Tensor, grad_out: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Launch `kernel` with the tiles of `config(T, D, P, dtype)`, one program per example and tile of the dim
+    that `tiled_by` (BLOCK_T: T, BLOCK_P: d_out) blocks."""
     B, T, D = x.shape
     P = grad_out.shape[2]
-    acc = accumulation_dtype(x.dtype)
     if B == 0:
-        return torch.empty(0, device=x.device, dtype=acc)
-    cfg = materialize_config(T, D, P, x.dtype)
-    return partial_sums(_linear_sq_norms_materialize_kernel, x, grad_out, (T, D, P, *x.stride(), *grad_out.stride()),
-                        B, triton.cdiv(P, cfg["BLOCK_P"]), HAS_BIAS=bias, **dtype_constants(x.dtype), **cfg)
+        return torch.empty(0, device=x.device, dtype=accumulation_dtype(x.dtype))
+    cfg = config(T, D, P, x.dtype)
+    num_tiles = triton.cdiv(T if tiled_by == "BLOCK_T" else P, cfg[tiled_by])
+    return partial_sums(kernel, x, grad_out, (T, D, P, *x.stride(), *grad_out.stride()), B, num_tiles,
+                        HAS_BIAS=bias, **dtype_constants(x.dtype), **cfg)
