@@ -174,7 +174,17 @@ class GradNormScorer:
                     if self.check_examples_separate:
                         _check_examples_separate(outputs, losses, batch)
                     if captures and losses.requires_grad:
-                        torch.autograd.grad(losses.sum(), anchor, allow_unused=True)
+                        total.backward_started = True
+                        try:
+                            torch.autograd.grad(losses.sum(), anchor, allow_unused=True)
+                        except RuntimeError as exc:
+                            if "use_reentrant" not in str(exc):
+                                raise
+                            raise ValueError(
+                                "GradNormScorer: the model uses torch.utils.checkpoint with use_reentrant=True, "
+                                "which torch runs only under .backward() (not autograd.grad, which the norms-only "
+                                "pass needs so as not to write any .grad). Use use_reentrant=False (the same "
+                                "memory saving; PyTorch's recommended mode).") from None
                 sq = total.value(batch, args[0].device, accumulation_dtype(losses.dtype))
             finally:
                 for h in handles:
@@ -230,11 +240,24 @@ class GradNormScorer:
         def hook(module, inputs, kwargs, output):
             if replaying():  # a fallback rule re-running a module's forward in backward: not a new call
                 return None
-            cap.calls += 1
-            if cap.calls > 1:
-                raise ValueError(
-                    f"GradNormScorer: module '{cap.name}' ({type(module).__name__}) was called more than once in "
-                    "one forward pass (a reused layer shares its parameters across calls); this is not supported.")
+            if total.backward_started:
+                # Activation checkpointing recomputes the forward inside backward. Non-reentrant: the graph,
+                # and this layer's tap, are the original forward's. Reentrant: the original call ran without
+                # grad (no tap), and this recomputation builds the graph that backward then runs: tap it.
+                if cap.tapped:
+                    return None
+            else:
+                cap.calls += 1
+                if cap.calls > 1:
+                    raise ValueError(
+                        f"GradNormScorer: module '{cap.name}' ({type(module).__name__}) was called more than once "
+                        "in one forward pass (a reused layer shares its parameters across calls); this is not "
+                        "supported.")
+                if not torch.is_grad_enabled():
+                    # No graph here (torch.no_grad, or a reentrant checkpoint's first run): autograd gives these
+                    # parameters no gradient from this call, so neither does the scorer, unless a reentrant
+                    # checkpoint recomputes it in backward (above).
+                    return None
             if not isinstance(output, torch.Tensor) or output.dim() == 0 or output.shape[0] != batch:
                 shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
                 raise ValueError(
@@ -243,6 +266,7 @@ class GradNormScorer:
             # Activations are data for the norm kernels, not part of the graph to differentiate.
             cap.inputs = tuple(i.detach() if isinstance(i, torch.Tensor) else i for i in inputs)
             cap.kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            cap.tapped = True
             return _NormTap.apply(output, anchor, cap, total.add)
 
         return hook
@@ -354,6 +378,7 @@ class _NormTotal:
         self.backend = backend
         self.sum: torch.Tensor | None = None
         self.per_layer = per_layer  # name -> (B,) squared norm, when the caller wants the breakdown
+        self.backward_started = False  # forward hooks called after this are checkpoint recomputations
 
     def add(self, cap: LayerCapture, grad_output: torch.Tensor) -> None:
         sq = RULES.get(type(cap.module), autograd_fallback_rule)(cap, grad_output, self.backend)

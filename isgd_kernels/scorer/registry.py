@@ -28,6 +28,7 @@ class LayerCapture:
     inputs: tuple = ()
     kwargs: dict = field(default_factory=dict)  # keyword arguments of the call
     calls: int = 0
+    tapped: bool = False  # its output carries the norm tap of this pass
 
     @property
     def label(self) -> str:

@@ -502,3 +502,35 @@ def test_exact_fallback_for_layers_without_a_rule():
         fallback._CHUNK_ELEMENTS = chunk
     report = scorer.verify(tokens, y, xent)
     assert report.ok, str(report)
+
+
+class _CheckpointedNet(nn.Module):
+    """Blocks under torch.utils.checkpoint, after a trainable first layer (so block inputs require grad)."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.first = nn.Linear(7, 8)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.Tanh()) for _ in range(2))
+        self.head = nn.Linear(8, 3)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        h = self.first(x)
+        for block in self.blocks:
+            h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=self.reentrant)
+        return self.head(h)
+
+
+def test_non_reentrant_activation_checkpointing_gives_the_exact_norm():
+    """Non-reentrant checkpointing (the default in many model zoos) recomputes layers inside backward, once
+    refused as 'called more than once': exact against a per-example autograd loop. Reentrant checkpointing
+    only runs under .backward(), so it is refused with that reason."""
+    from isgd_kernels.scorer.reference import per_example_grad_norms_loop
+
+    torch.manual_seed(17)
+    x, y = torch.randn(5, 7, dtype=torch.float64), torch.randint(0, 3, (5,))
+    model = _CheckpointedNet(reentrant=False).double()
+    got = GradNormScorer(model).norms(x, y, xent)
+    assert_close_rel(got, per_example_grad_norms_loop(model, xent, x, y), 1e-10)
+    with pytest.raises(ValueError, match="use_reentrant=True"):
+        GradNormScorer(_CheckpointedNet(reentrant=True).double()).norms(x, y, xent)
