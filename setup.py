@@ -29,9 +29,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # torch.library.custom_op and register_fake, which every op here uses, arrived in torch 2.4.
 MIN_TORCH = (2, 4)
-_torch_version = tuple(int("".join(c for c in part if c.isdigit()) or 0)
-                       for part in torch.__version__.split("+")[0].split(".")[:2])
-if _torch_version < MIN_TORCH:
+if torch.__version__ < MIN_TORCH:  # a TorchVersion: compares with tuples
     raise SystemExit(f"isgd_kernels needs torch >= {'.'.join(map(str, MIN_TORCH))}, found {torch.__version__}: "
                      "upgrade torch first, then build with `pip install --no-build-isolation .`")
 

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from isgd_kernels._backend import installed_triton
 from isgd_kernels._checks import accumulation_dtype
 
 
@@ -24,16 +25,11 @@ def dot_operands_to_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def triton_version() -> tuple[int, int]:
-    major, minor = triton.__version__.split(".")[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
-
-
 def fp64_dot_supported() -> bool:
     """Whether the kernels use tl.dot on float64 tiles (sm_80+): from Triton 3.9, whose every fp64
     configuration the AOT test compiles without spills. 3.6 rejects fp64 tl.dot; 3.8 accepts it but
     its fp64 dot configurations were not checked, so it keeps the broadcast path (also checked)."""
-    return triton_version() >= (3, 9)
+    return installed_triton() >= (3, 9)
 
 
 def use_dot(dtype: torch.dtype) -> bool:

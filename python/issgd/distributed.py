@@ -106,15 +106,10 @@ def loopback_store(timeout_s: float) -> tuple[dist.TCPStore, int]:
     port = sock.getsockname()[1]
     # The store takes over the socket bound above; its libuv backend does so from torch 2.8 on, before
     # that only the older backend does (it would otherwise listen on every interface).
-    legacy = {} if _torch_at_least(2, 8) else {"use_libuv": False}
+    legacy = {} if torch.__version__ >= (2, 8) else {"use_libuv": False}
     store = dist.TCPStore("127.0.0.1", port, None, True, timedelta(seconds=timeout_s), wait_for_workers=False,
                           master_listen_fd=sock.detach(), **legacy)
     return store, port
-
-
-def _torch_at_least(major: int, minor: int) -> bool:
-    parts = torch.__version__.split("+")[0].split(".")
-    return (int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)) >= (major, minor)
 
 
 def connect(rank: int, world_size: int, timeout_s: float = 300.0) -> dist.Store:
