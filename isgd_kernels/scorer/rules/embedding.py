@@ -21,19 +21,8 @@ def embedding_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -
     sparse=True changes the gradient's layout only. scale_grad_by_freq is refused: it divides each
     row's gradient by the token's count in the whole mini-batch, which couples examples.
     """
-    module = cap.module
-    if module.scale_grad_by_freq:
-        raise ValueError(
-            f"GradNormScorer: {cap.label} has scale_grad_by_freq=True: PyTorch divides each row's "
-            "gradient by that token's frequency in the whole mini-batch, so one example's gradient depends "
-            "on the other examples and per-example gradient norms are not defined. Build the embedding "
-            "with scale_grad_by_freq=False to score it, or freeze it (requires_grad_(False)).")
-    idx = cap.first_input()
+    module, idx = cap.module, _checked_indices(cap, grad_output)
     batch, dim = idx.shape[0], module.embedding_dim
-    if grad_output.shape != (*idx.shape, dim):
-        raise ValueError(f"GradNormScorer: {cap.label}: indices {tuple(idx.shape)} and gradient "
-                         f"of output {tuple(grad_output.shape)} do not match (expected indices shape + "
-                         f"({dim},))")
     acc = accumulation_dtype(grad_output.dtype)
     delta = grad_output.reshape(-1, dim).to(acc)  # (N, dim), N = B*T, rows in example-major order
     n = delta.shape[0]
@@ -44,6 +33,22 @@ def embedding_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -
         delta = delta * (tok != module.padding_idx).unsqueeze(1).to(acc)
     example = torch.arange(batch, device=tok.device).repeat_interleave(n // batch)
     return _sq_norms_per_example(example, tok, delta, module.num_embeddings, batch)
+
+
+def _checked_indices(cap: LayerCapture, grad_output: torch.Tensor) -> torch.Tensor:
+    module = cap.module
+    if module.scale_grad_by_freq:
+        raise ValueError(
+            f"GradNormScorer: {cap.label} has scale_grad_by_freq=True: PyTorch divides each row's "
+            "gradient by that token's frequency in the whole mini-batch, so one example's gradient depends "
+            "on the other examples and per-example gradient norms are not defined. Build the embedding "
+            "with scale_grad_by_freq=False to score it, or freeze it (requires_grad_(False)).")
+    idx, dim = cap.first_input(), module.embedding_dim
+    if grad_output.shape != (*idx.shape, dim):
+        raise ValueError(f"GradNormScorer: {cap.label}: indices {tuple(idx.shape)} and gradient "
+                         f"of output {tuple(grad_output.shape)} do not match (expected indices shape + "
+                         f"({dim},))")
+    return idx
 
 
 def _sq_norms_per_example(example: torch.Tensor, tok: torch.Tensor, rows: torch.Tensor, num_embeddings: int,
@@ -65,7 +70,20 @@ def _sq_norms_per_example(example: torch.Tensor, tok: torch.Tensor, rows: torch.
     return rows.new_zeros(batch).index_add_(0, seg_example, sums.square().sum(1))
 
 
-register_rule(nn.Embedding, embedding_rule)
+def embedding_grads(cap: LayerCapture, grad_output: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example gradients (B, num_embeddings, dim): example i's delta rows added at its tokens."""
+    module, idx = cap.module, _checked_indices(cap, grad_output)
+    batch, dim, rows = idx.shape[0], module.embedding_dim, module.num_embeddings
+    delta = grad_output.reshape(-1, dim)
+    tok = idx.reshape(-1).long()
+    if module.padding_idx is not None:
+        delta = delta * (tok != module.padding_idx).unsqueeze(1).to(delta.dtype)
+    example = torch.arange(batch, device=tok.device).repeat_interleave(tok.numel() // max(batch, 1))
+    dense = delta.new_zeros(batch * rows, dim).index_add_(0, example * rows + tok, delta)
+    return {"weight": dense.view(batch, rows, dim)}
+
+
+register_rule(nn.Embedding, embedding_rule, grads=embedding_grads)
 
 
 # -------------------------------------------------------------------------------------- EmbeddingBag

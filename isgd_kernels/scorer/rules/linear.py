@@ -19,4 +19,16 @@ def linear_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> t
     return g.sum(1).square().sum(-1)
 
 
-register_rule(nn.Linear, linear_rule)
+def linear_grads(cap: LayerCapture, grad_output: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example gradients (B, out, in) and (B, out): G_i^T A_i and sum_t delta_t."""
+    g = grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
+    grads = {}
+    if cap.is_trainable("weight"):
+        x = cap.first_input()
+        grads["weight"] = torch.einsum("bto,bti->boi", g, x.reshape(x.shape[0], -1, x.shape[-1]).to(g.dtype))
+    if cap.is_trainable("bias"):
+        grads["bias"] = g.sum(1)
+    return grads
+
+
+register_rule(nn.Linear, linear_rule, grads=linear_grads)

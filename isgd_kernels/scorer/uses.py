@@ -1,0 +1,302 @@
+"""Parameters wherever they are used: the ops of a scoring pass that consume a trainable parameter
+outside the call of the module whose rule accounts for it, and the batch-layout probe.
+
+A parameter's per-example gradient is the sum over all its uses. Uses inside its module's call are the
+rule's (captured by the scorer's module hooks). Every other use is an op seen by ``ParameterUses``, a
+``TorchFunctionMode`` that also knows which module is running: logits ``F.linear(h, wte.weight)`` of a
+tied head, ``h @ emb.weight.T``, a bare ``nn.Parameter`` of a module with submodules and no rule (a
+positional embedding, a class token, a LayerScale gamma, a learnable temperature, LoRA factors).
+
+Such an op runs on a per-pass leaf standing in for the parameter. Its output either holds no batch yet
+(``self.pos[:T]``, ``W.t()``, ``temp.exp()``): it is *derived*, and ops consuming it are uses too; or it is
+batch-first: it is tapped like a module output, and in backward one batched backward pass through the
+op (and the derived ops before it) gives each example's gradient of the parameters from this use.
+
+Which of the two an op output is, and whether every scored module's output really holds example i in
+row i of its batch dim, is not decided by shapes (a sequence-first (T, B, ...) activation passes any
+shape test when T == B) but by the probe: on the first pass for a set of trainable parameters, the
+model also runs on the batch in another order; a batch-first output is permuted the same way, a derived
+one is unchanged, anything else is refused. Later passes reuse the probe's verdicts, op by op; a pass
+whose ops differ from the probe's is probed again.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+from isgd_kernels.scorer.registry import LayerCapture
+
+BATCHED, DERIVED = "batched", "derived"
+
+
+class Reprobe(Exception):
+    """This pass's ops differ from the probed pass's (data-dependent control flow): probe again."""
+
+
+@dataclass
+class Use:
+    """One op-level use: its output (batch-first, with a graph to the leaves) and the parameters it reads."""
+
+    what: str
+    output: torch.Tensor
+    params: list  # the model's parameters
+    leaves: list  # their stand-ins in this pass
+
+
+@dataclass
+class Probe:
+    """A forward on the batch in another order: a fingerprint of what each op downstream of a parameter
+    use and each scored module call gave, in order."""
+
+    perm: torch.Tensor
+    ops: list = field(default_factory=list)  # (op name, fingerprint)
+    calls: list = field(default_factory=list)  # (module name, [fingerprint per output])
+
+
+_PROJECTIONS: dict = {}
+
+
+def fingerprint(t: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One number per index of `dim` (a random projection of that slice, in float64) and the rounding
+    scale each may carry: enough to tell whether two tensors are equal, or permuted copies along `dim`,
+    without keeping them. None for a tensor without that dim."""
+    if not (t.is_floating_point() or t.is_complex()):
+        t = t.double()
+    if t.dim() == 0:
+        t = t.reshape(1)
+    if t.dim() <= dim:
+        return None
+    rows = t.detach().movedim(dim, 0).reshape(t.shape[dim], -1)
+    if rows.is_complex():
+        rows = torch.view_as_real(rows).reshape(rows.shape[0], -1)
+    key = (rows.shape[1], rows.device)
+    if key not in _PROJECTIONS:
+        gen = torch.Generator(device=rows.device).manual_seed(rows.shape[1])
+        _PROJECTIONS[key] = torch.randn(rows.shape[1], generator=gen, device=rows.device, dtype=torch.float64)
+    r = _PROJECTIONS[key]
+    rows = rows.double()
+    return rows @ r, rows.abs() @ r.abs()
+
+
+def _same(a, b, perm: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """Fingerprints a and b agree, b's rows taken in the order `perm` when given."""
+    if a is None or b is None or a[0].shape != b[0].shape:
+        return False
+    fb, sb = (b[0][perm], b[1][perm]) if perm is not None else b
+    if not (torch.isfinite(a[0]).all() and torch.isfinite(fb).all()):
+        return bool(torch.equal(a[0].nan_to_num(), fb.nan_to_num()))  # NaN/inf inputs: exact agreement only
+    rtol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 1e-2)
+    return bool(((a[0] - fb).abs() <= rtol * torch.maximum(a[1], sb) + 1e-300).all())
+
+
+class ParameterUses(TorchFunctionMode):
+    """Watches the ops of one forward pass (and the loss) for uses of trainable parameters outside their
+    rule's module call; see the module docstring.
+
+    Modes: `record` (a Probe to fill: the permuted forward, no taps); `against` (the probed pass: judge
+    each op output against the probe's); `verdicts` (a later pass: the probed pass's verdicts, op by op);
+    none of them (no probe possible: one example, or dropout active): shapes decide.
+    While probing, every op downstream of a parameter use is followed (so that both forwards count
+    the same ops); `found` keeps the verdicts of the ops that use parameters, which later passes follow.
+    """
+
+    def __init__(self, model: nn.Module, captures: list[LayerCapture], batch: int, *, tap=None,
+                 record: Probe | None = None, against: Probe | None = None, verdicts: list | None = None):
+        super().__init__()
+        self.batch = batch
+        self.tap, self.record, self.against, self.verdicts = tap, record, against, verdicts
+        self.follow = record is not None or against is not None  # follow every op downstream of a use
+        self.owners: dict[int, list] = {}  # id(param) -> the modules whose calls cover its uses (rules)
+        self.label: dict[int, str] = {}
+        for cap in captures:
+            for name, p in cap.trainable_parameters().items():
+                self.owners.setdefault(id(p), [])
+                if not cap.per_use:
+                    self.owners[id(p)].append(cap.module)
+                self.label.setdefault(id(p), f"{cap.name}.{name}")
+        self.names = {m: (n or "<root>") for n, m in model.named_modules()}
+        self.model = model
+        self.active: Counter = Counter()  # modules whose forward is running
+        self.stack: list[nn.Module] = []
+        self.leaves: dict[int, torch.Tensor] = {}  # id(param) -> its stand-in leaf for this pass
+        self.params: dict[int, nn.Parameter] = {}
+        self.derived = WeakIdKeyDictionary()  # tensor -> ids of the parameters it was computed from, no batch
+        self.seen = WeakIdKeyDictionary()  # while probing: every tensor downstream of a use
+        self.ops_seen = 0
+        self.uses: Counter = Counter()  # id(param) -> op-level uses in this pass
+        self.found: list = []  # (op name, verdict) of each op that uses parameters, in order
+        self.paused = False
+        self.handles = []
+
+    # -- module stack -------------------------------------------------------------------------------
+    def __enter__(self):
+        def enter(module, args):
+            self.active[module] += 1
+            self.stack.append(module)
+
+        def leave(module, args, output):
+            self.active[module] -= 1
+            self.stack.pop()
+
+        for module in self.model.modules():
+            self.handles.append(module.register_forward_pre_hook(enter))
+            self.handles.append(module.register_forward_hook(leave, always_call=True))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        return super().__exit__(*exc)
+
+    def where(self) -> str:
+        return f"module '{self.names.get(self.stack[-1], '?')}'" if self.stack else "the model's or the loss's code"
+
+    @contextlib.contextmanager
+    def pause(self):
+        """The scorer's own ops in its hooks: not the model's, not watched."""
+        paused, self.paused = self.paused, True
+        try:
+            yield
+        finally:
+            self.paused = paused
+
+    def carry(self, old: list, new: list) -> None:
+        """A scored call's tapped outputs stand for its outputs from here on."""
+        for o, n in zip(old, new):
+            if isinstance(o, torch.Tensor) and o in self.seen:
+                self.seen[n] = True
+
+    # -- ops ------------------------------------------------------------------------------------------
+    def _stand_in(self, t):
+        """The pass's leaf for a parameter used outside its rule's call, else None."""
+        if not isinstance(t, nn.Parameter) or id(t) not in self.owners:
+            return None
+        if any(self.active[m] > 0 for m in self.owners[id(t)]):
+            return None  # inside the call of a module that has it: that module's rule accounts for it
+        leaf = self.leaves.get(id(t))
+        if leaf is None:
+            leaf = self.leaves[id(t)] = t.detach().requires_grad_(True)
+            self.params[id(t)] = t
+        return leaf
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.paused or not torch.is_grad_enabled():
+            return func(*args, **kwargs)  # the scorer's own ops; or no graph, so no gradient from this use
+        sources: set[int] = set()
+        followed = [False]
+
+        def swap(value):
+            if isinstance(value, (list, tuple)):
+                items = [swap(v) for v in value]
+                return type(value)(items) if isinstance(value, tuple) else items
+            leaf = self._stand_in(value)
+            if leaf is not None:
+                sources.add(id(value))
+                return leaf
+            if isinstance(value, torch.Tensor):
+                from_params = self.derived.get(value)
+                if from_params:
+                    sources.update(from_params)
+                if self.follow and value in self.seen:
+                    followed[0] = True
+            return value
+
+        new_args = tuple(swap(a) for a in args)
+        new_kwargs = {k: swap(v) for k, v in kwargs.items()}
+        if not sources and not followed[0]:
+            return func(*args, **kwargs)
+        output = func(*new_args, **new_kwargs)
+        if isinstance(output, torch.Tensor):
+            return self._classify(func, output, sources)
+        if isinstance(output, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in output):
+            items = [self._classify(func, o, sources) for o in output]
+            return type(output)(items) if isinstance(output, tuple) else items
+        return output  # a shape, a bool, ...: nothing to differentiate
+
+    def _classify(self, func, output: torch.Tensor, sources: set[int]):
+        name = getattr(func, "__name__", str(func))
+        if not (output.is_floating_point() or output.is_complex()):
+            return output
+        if self.follow:
+            index, self.ops_seen = self.ops_seen, self.ops_seen + 1
+            self.seen[output] = True
+        if self.record is not None:
+            self.record.ops.append((name, fingerprint(output)))
+            self.derived[output] = frozenset(sources)
+            return output
+        if not sources or not output.requires_grad:
+            return output  # downstream of a use only (followed while probing), or detached
+        if self.verdicts is not None:
+            if len(self.found) >= len(self.verdicts) or self.verdicts[len(self.found)][0] != name:
+                raise Reprobe()
+            verdict = self.verdicts[len(self.found)][1]
+        elif self.against is not None:
+            verdict = self._judge(name, output, index, sources)
+        else:  # no probe possible (one example, or randomness in the forward): shapes decide
+            verdict = BATCHED if output.dim() > 0 and output.shape[0] == self.batch else DERIVED
+        self.found.append((name, verdict))
+        if verdict == DERIVED:
+            self.derived[output] = frozenset(sources)
+            return output
+        params = [self.params[i] for i in sorted(sources)]
+        for i in sources:
+            self.uses[i] += 1
+        use = Use(f"{name} in {self.where()}", output, params, [self.leaves[i] for i in sorted(sources)])
+        tapped = self.tap(use)
+        if self.follow:
+            self.seen[tapped] = True
+        return tapped
+
+    def _judge(self, name: str, output: torch.Tensor, index: int, sources: set[int]) -> str:
+        if index >= len(self.against.ops) or self.against.ops[index][0] != name:
+            raise ValueError(
+                f"GradNormScorer: the model runs different operations when the examples of the batch come in "
+                f"another order ({name} in {self.where()}); per-example gradients are then not well defined. "
+                "Pass check_examples_separate=False to score it anyway, unchecked.")
+        recorded, mine = self.against.ops[index][1], fingerprint(output)
+        if output.dim() > 0 and output.shape[0] == self.batch and _same(recorded, mine, self.against.perm,
+                                                                       output.dtype):
+            return BATCHED
+        if _same(recorded, mine, None, output.dtype):
+            return DERIVED
+        params = ", ".join(f"'{self.label[i]}'" for i in sorted(sources))
+        raise ValueError(
+            f"GradNormScorer: parameter {params} is used by {name} in {self.where()}, whose output "
+            f"{tuple(output.shape)} is neither batch-first (row i = example i) nor independent of the batch, so "
+            "its per-example gradient cannot be taken from it. Keep the batch in dim 0 of activations that "
+            "meet parameters outside their layers (permute sequence-first tensors to (B, T, ...)).")
+
+
+def record_call(probe: Probe, cap: LayerCapture, outputs: list, dims: list) -> None:
+    probe.calls.append((cap.name, [fingerprint(o, d) if d is not None else None for o, d in zip(outputs, dims)]))
+
+
+def probe_outputs_match(cap: LayerCapture, outputs: list, dims: list, probe: Probe, index: int) -> None:
+    """Refuse a scored module call whose outputs do not hold example i at index i of their batch dim."""
+    if index >= len(probe.calls) or probe.calls[index][0] != cap.name:
+        raise ValueError(
+            f"GradNormScorer: {cap.label} is called in a different order when the examples of the batch come in "
+            "another order; per-example gradients are then not well defined. Pass check_examples_separate=False "
+            "to score it anyway, unchecked.")
+    for out, old, dim in zip(outputs, probe.calls[index][1], dims):
+        if dim is None:
+            continue
+        if not _same(old, fingerprint(out, dim), probe.perm.to(out.device), out.dtype):
+            raise ValueError(
+                f"GradNormScorer: {cap.label} produced output {tuple(out.shape)} whose dim {dim} does not hold the "
+                "examples of the batch in order (row i of the batch, example i): the batch is elsewhere (a "
+                "sequence-first (T, B, ...) activation: use batch_first=True or permute to (B, T, ...)), or the "
+                "layer mixes examples. Per-example norms would be wrong, so the scorer refuses.")
+
+
+def tensor_outputs(output) -> list:
+    return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
