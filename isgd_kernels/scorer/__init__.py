@@ -21,15 +21,16 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from isgd_kernels._checks import accumulation_dtype
 from isgd_kernels.scorer import rules  # noqa: F401  (registers the built-in rules)
 from isgd_kernels.scorer.rules.fallback import (autograd_fallback_rule, batched_vjp, per_example_grads, replaying,
-                                                warn_once)
+                                                replaying_call, warn_once)
 from isgd_kernels.scorer.registry import (RULES, LayerCapture, Rule, UnsupportedModuleError, register_rule,
                                           supported_names)
-from isgd_kernels.scorer.uses import (ParameterUses, Probe, Reprobe, Use, probe_outputs_match, record_call,
+from isgd_kernels.scorer.uses import (DERIVED, ParameterUses, Probe, Reprobe, Use, judge_call, record_call,
                                      tensor_outputs)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -195,14 +196,14 @@ class GradNormScorer:
                 total = _NormTotal(self.backend, self._per_layer)
                 signature = tuple(id(p) for p, flag in zip(params, requires_grad) if flag)
                 with torch.inference_mode(False), torch.enable_grad():
-                    probe, verdicts = None, None
+                    probe, verdicts, call_verdicts = None, None, None
                     if self._probed is not None and self._probed[0] == signature:
-                        verdicts = self._probed[1]
+                        _, verdicts, call_verdicts = self._probed
                     elif self.check_examples_separate and self._can_probe(batch):
                         probe = self._run_probe(args, captures, batch)
                     uses = ParameterUses(model, captures, batch, against=probe, verdicts=verdicts,
                                          tap=lambda use: _tap(anchor, use, total.add_use, use.output))
-                    state = _PassState(batch, anchor, total, probe, uses)
+                    state = _PassState(batch, anchor, total, probe, uses, call_verdicts)
                     for cap in captures:
                         if not cap.per_use:
                             handles.append(cap.module.register_forward_hook(self._make_hook(cap, state),
@@ -211,7 +212,7 @@ class GradNormScorer:
                         outputs = model(*args)
                         losses = loss_fn(outputs, targets)
                     if probe is not None or not self.check_examples_separate:
-                        self._probed = (signature, list(uses.found))
+                        self._probed = (signature, list(uses.found), list(state.calls_found))
                     total.count_uses(captures, uses.uses)
                     self._check_losses(losses, batch)
                     if self.check_examples_separate:
@@ -257,6 +258,7 @@ class GradNormScorer:
                     outs = tensor_outputs(output)
                     with uses.pause():
                         record_call(probe, cap, outs, _batch_dims(module, outs))
+                    uses.mark(outs)
             return hook
 
         try:
@@ -328,15 +330,25 @@ class GradNormScorer:
                 return None
             outs = tensor_outputs(output)
             dims = _batch_dims(module, outs)
-            for out, dim in zip(outs, dims):
-                if dim is not None and (out.dim() <= dim or out.shape[dim] != state.batch):
-                    raise ValueError(
-                        f"GradNormScorer: {cap.label} produced output {tuple(out.shape)}, expected the batch "
-                        f"(B={state.batch}) in dim {dim}. The scorer needs every scored layer to see batch-first "
-                        "activations (use batch_first=True, or permute to (B, T, ...)).")
-            if state.probe is not None:
-                probe_outputs_match(cap, outs, dims, state.probe, state.calls_seen)
-                state.calls_seen += 1
+            index, state.calls_seen = state.calls_seen, state.calls_seen + 1
+            if state.call_verdicts is not None:
+                if index >= len(state.call_verdicts) or state.call_verdicts[index][0] != cap.name:
+                    raise Reprobe()
+                verdict = state.call_verdicts[index][1]
+                if verdict != DERIVED and judge_call(cap, outs, dims, state.batch, None, index) == DERIVED:
+                    raise Reprobe()  # the probed pass had the batch where this one has not
+            else:
+                verdict = judge_call(cap, outs, dims, state.batch, state.probe, index)
+            state.calls_found.append((cap.name, verdict))
+            if verdict == DERIVED:
+                # No batch in order here (a positional Embedding on arange(T), a sequence-first activation): run
+                # the call again on the pass's stand-ins for its parameters and follow its outputs, like an op's.
+                params = cap.trainable_parameters()
+                leaves = {name: state.uses.stand_in(p) for name, p in params.items()}
+                with replaying_call(), torch.enable_grad():
+                    output = functional_call(module, leaves, inputs, kwargs, strict=False)
+                state.uses.mark(tensor_outputs(output), {id(p) for p in params.values()})
+                return output
             cap.calls += 1
             # Activations are data for the norm kernels, not part of the graph to differentiate.
             call = dataclasses.replace(
@@ -345,7 +357,7 @@ class GradNormScorer:
             floating = [d for t, d in zip(outs, dims) if t.is_floating_point() or t.is_complex()]
             call.batch_dims, call.single_output = floating, isinstance(output, torch.Tensor)
             tapped = _tap(state.anchor, call, state.total.add_call, output)
-            state.uses.carry(outs, tensor_outputs(tapped))
+            state.uses.mark(tensor_outputs(tapped))
             return tapped
 
         return hook
@@ -376,7 +388,9 @@ class _PassState:
     total: "_NormTotal"
     probe: Probe | None
     uses: ParameterUses
+    call_verdicts: list | None = None  # the probed pass's verdict per scored call, which later passes follow
     calls_seen: int = 0
+    calls_found: list = dataclasses.field(default_factory=list)
     backward_started: bool = False
 
 
@@ -445,7 +459,7 @@ class _NormTotal:
             if pid in self.multi:
                 self.summed[pid] = g if pid not in self.summed else self.summed[pid] + g
             else:
-                self._add(self.owner[pid], g.flatten(1).to(accumulation_dtype(g.dtype)).square().sum(1))
+                self._add(self.owner[pid], g.reshape(g.shape[0], -1).to(accumulation_dtype(g.dtype)).square().sum(1))
 
     def add_call(self, call: LayerCapture, grads: tuple) -> None:
         """A scored module call's output gradients arrived."""
@@ -480,7 +494,7 @@ class _NormTotal:
 
     def value(self, batch: int, device, dtype) -> torch.Tensor:
         for pid, g in self.summed.items():
-            self._add(self.owner[pid], g.flatten(1).to(accumulation_dtype(g.dtype)).square().sum(1))
+            self._add(self.owner[pid], g.reshape(g.shape[0], -1).to(accumulation_dtype(g.dtype)).square().sum(1))
         self.summed = {}
         if self.sum is None:
             return torch.zeros(batch, device=device, dtype=dtype)

@@ -168,11 +168,21 @@ class ParameterUses(TorchFunctionMode):
         finally:
             self.paused = paused
 
-    def carry(self, old: list, new: list) -> None:
-        """A scored call's tapped outputs stand for its outputs from here on."""
-        for o, n in zip(old, new):
-            if isinstance(o, torch.Tensor) and o in self.seen:
-                self.seen[n] = True
+    def mark(self, outputs: list, sources: set | None = None) -> None:
+        """A scored call's outputs: followed while probing; derived from `sources` (parameter ids) if given."""
+        for t in outputs:
+            if isinstance(t, torch.Tensor):
+                if self.follow:
+                    self.seen[t] = True
+                if sources:
+                    self.derived[t] = frozenset(sources)
+
+    def stand_in(self, p: nn.Parameter) -> torch.Tensor:
+        """The pass's leaf for `p`, wherever it is used."""
+        if id(p) not in self.leaves:
+            self.leaves[id(p)] = p.detach().requires_grad_(True)
+            self.params[id(p)] = p
+        return self.leaves[id(p)]
 
     # -- ops ------------------------------------------------------------------------------------------
     def _stand_in(self, t):
@@ -181,11 +191,7 @@ class ParameterUses(TorchFunctionMode):
             return None
         if any(self.active[m] > 0 for m in self.owners[id(t)]):
             return None  # inside the call of a module that has it: that module's rule accounts for it
-        leaf = self.leaves.get(id(t))
-        if leaf is None:
-            leaf = self.leaves[id(t)] = t.detach().requires_grad_(True)
-            self.params[id(t)] = t
-        return leaf
+        return self.stand_in(t)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -235,15 +241,18 @@ class ParameterUses(TorchFunctionMode):
             return output
         if not sources or not output.requires_grad:
             return output  # downstream of a use only (followed while probing), or detached
+        key = (name, tuple(sorted(sources)), output.dim())
         if self.verdicts is not None:
-            if len(self.found) >= len(self.verdicts) or self.verdicts[len(self.found)][0] != name:
+            if len(self.found) >= len(self.verdicts) or self.verdicts[len(self.found)][0] != key:
                 raise Reprobe()
             verdict = self.verdicts[len(self.found)][1]
+            if verdict == BATCHED and output.shape[0] != self.batch:
+                raise Reprobe()
         elif self.against is not None:
             verdict = self._judge(name, output, index, sources)
         else:  # no probe possible (one example, or randomness in the forward): shapes decide
             verdict = BATCHED if output.dim() > 0 and output.shape[0] == self.batch else DERIVED
-        self.found.append((name, verdict))
+        self.found.append((key, verdict))
         if verdict == DERIVED:
             self.derived[output] = frozenset(sources)
             return output
@@ -266,22 +275,21 @@ class ParameterUses(TorchFunctionMode):
         if output.dim() > 0 and output.shape[0] == self.batch and _same(recorded, mine, self.against.perm,
                                                                        output.dtype):
             return BATCHED
-        if _same(recorded, mine, None, output.dtype):
-            return DERIVED
-        params = ", ".join(f"'{self.label[i]}'" for i in sorted(sources))
-        raise ValueError(
-            f"GradNormScorer: parameter {params} is used by {name} in {self.where()}, whose output "
-            f"{tuple(output.shape)} is neither batch-first (row i = example i) nor independent of the batch, so "
-            "its per-example gradient cannot be taken from it. Keep the batch in dim 0 of activations that "
-            "meet parameters outside their layers (permute sequence-first tensors to (B, T, ...)).")
+        # Unchanged (a positional table, a transposed weight) or batched elsewhere (a sequence-first activation):
+        # followed until an op's output is batch-first, where its per-example gradient is taken.
+        return DERIVED
 
 
 def record_call(probe: Probe, cap: LayerCapture, outputs: list, dims: list) -> None:
     probe.calls.append((cap.name, [fingerprint(o, d) if d is not None else None for o, d in zip(outputs, dims)]))
 
 
-def probe_outputs_match(cap: LayerCapture, outputs: list, dims: list, probe: Probe, index: int) -> None:
-    """Refuse a scored module call whose outputs do not hold example i at index i of their batch dim."""
+def judge_call(cap: LayerCapture, outputs: list, dims: list, batch: int, probe: Probe | None, index: int) -> str:
+    """BATCHED when every output of a scored call holds example i at index i of its declared batch dim (the
+    call is then scored by its rule), else DERIVED (its outputs are followed to the first batch-first op)."""
+    if probe is None:
+        return BATCHED if all(d is None or (o.dim() > d and o.shape[d] == batch) for o, d in zip(outputs, dims)) \
+            else DERIVED
     if index >= len(probe.calls) or probe.calls[index][0] != cap.name:
         raise ValueError(
             f"GradNormScorer: {cap.label} is called in a different order when the examples of the batch come in "
@@ -290,12 +298,10 @@ def probe_outputs_match(cap: LayerCapture, outputs: list, dims: list, probe: Pro
     for out, old, dim in zip(outputs, probe.calls[index][1], dims):
         if dim is None:
             continue
-        if not _same(old, fingerprint(out, dim), probe.perm.to(out.device), out.dtype):
-            raise ValueError(
-                f"GradNormScorer: {cap.label} produced output {tuple(out.shape)} whose dim {dim} does not hold the "
-                "examples of the batch in order (row i of the batch, example i): the batch is elsewhere (a "
-                "sequence-first (T, B, ...) activation: use batch_first=True or permute to (B, T, ...)), or the "
-                "layer mixes examples. Per-example norms would be wrong, so the scorer refuses.")
+        if out.dim() <= dim or out.shape[dim] != batch or not _same(old, fingerprint(out, dim),
+                                                                    probe.perm.to(out.device), out.dtype):
+            return DERIVED
+    return BATCHED
 
 
 def tensor_outputs(output) -> list:

@@ -259,7 +259,9 @@ def test_batchnorm_in_training_mode_is_refused():
     GradNormScorer(model).norms(x, y, xent)  # eval mode uses running statistics: fine
 
 
-def test_seq_first_layout_is_refused():
+def test_seq_first_layer_inside_is_scored_exactly():
+    """A layer that sees (T, B, d) is not scored by its rule (which assumes dim 0 = batch): its output is
+    followed to the first batch-first op, where its per-example gradients are taken."""
     class SeqFirst(nn.Module):
         def __init__(self):
             super().__init__()
@@ -268,8 +270,11 @@ def test_seq_first_layout_is_refused():
         def forward(self, x):  # x (B, T, d) -> (T, B, d): the layer sees T in dim 0
             return self.fc(x.transpose(0, 1)).mean(0)
 
-    with pytest.raises(ValueError, match="batch-first"):
-        GradNormScorer(SeqFirst()).norms(torch.randn(2, 5, 4), torch.tensor([0, 1]), xent)
+    torch.manual_seed(9)
+    model = SeqFirst().double()
+    for T in (5, 2):
+        x, y = torch.randn(2, T, 4, dtype=torch.float64), torch.tensor([0, 1])
+        assert_close_rel(GradNormScorer(model).norms(x, y, xent), vmap_norms(model, xent, x, y), 1e-10)
 
 
 class InplaceCNN(nn.Module):

@@ -35,7 +35,7 @@ def replaying() -> bool:
 
 
 @contextlib.contextmanager
-def _replay():
+def replaying_call():
     _REPLAYING[0] = True
     try:
         yield
@@ -85,7 +85,7 @@ def replay(cap: LayerCapture) -> tuple[list, dict[str, torch.Tensor]]:
     """The module's forward on the captured call, with its trainable parameters as fresh leaves: the
     tensors it returns (pytree order) and the leaves by parameter name."""
     leaves = {name: p.detach().requires_grad_(True) for name, p in cap.trainable_parameters().items()}
-    with torch.enable_grad(), _replay():
+    with torch.enable_grad(), replaying_call():
         output = functional_call(cap.module, leaves, cap.inputs, cap.kwargs, strict=False)
     return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)], leaves
 
