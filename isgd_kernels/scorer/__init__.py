@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from collections.abc import Callable
 
@@ -120,7 +121,8 @@ class GradNormScorer:
         self.backend = backend
         self.check_examples_separate = check_examples_separate
         self.fallback = fallback
-        self._probed: tuple | None = None  # (trainable signature, verdicts of its op-level uses)
+        self._probed: tuple | None = None
+        self._warned_no_probe = False  # (trainable signature, verdicts of its op-level uses)
         self._per_layer: dict | None = None  # set by verify() to record each layer's share
         self.layers: list[LayerCapture] = self._plan()  # fail early on unsupported modules
 
@@ -201,6 +203,13 @@ class GradNormScorer:
                         _, verdicts, call_verdicts = self._probed
                     elif self.check_examples_separate and self._can_probe(batch):
                         probe = self._run_probe(args, captures, batch)
+                    elif self.check_examples_separate and batch >= 2 and not self._warned_no_probe:
+                        self._warned_no_probe = True
+                        warnings.warn(
+                            "GradNormScorer: dropout is active (eval_mode=False), so the layout probe cannot run "
+                            "(a permuted batch draws other masks): activations are taken as batch-first by their "
+                            "shapes alone, which a sequence-first (T, B, ...) activation with T == B would pass. "
+                            "Score in eval mode, or check the model once with scorer.verify.", stacklevel=3)
                     uses = ParameterUses(model, captures, batch, against=probe, verdicts=verdicts,
                                          tap=lambda use: _tap(anchor, use, total.add_use, use.output))
                     state = _PassState(batch, anchor, total, probe, uses, call_verdicts)

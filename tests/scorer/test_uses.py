@@ -251,3 +251,11 @@ def test_verify_names_parameters_used_outside_modules():
     report = GradNormScorer(model).verify(idx, tgt, token_xent)
     assert report.ok, str(report)
     assert "<root>" in str(report) and "wte" in str(report)
+
+
+def test_active_dropout_skips_the_probe_with_a_warning():
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    with pytest.warns(UserWarning, match="layout probe cannot run"):
+        GradNormScorer(model, eval_mode=False).norms(x, y, xent)
