@@ -27,8 +27,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from isgd_kernels._checks import accumulation_dtype
 from isgd_kernels.scorer import rules  # noqa: F401  (registers the built-in rules)
-from isgd_kernels.scorer.rules.fallback import (autograd_fallback_rule, batched_vjp, per_example_grads, replaying,
-                                                replaying_call, warn_once)
+from isgd_kernels.scorer.rules.fallback import (autograd_fallback_rule, batched_vjp, in_batched_vjp, per_example_grads,
+                                                replaying, replaying_call, warn_once)
 from isgd_kernels.scorer.registry import (RULES, LayerCapture, Rule, UnsupportedModuleError, register_rule,
                                           supported_names)
 from isgd_kernels.scorer.uses import (DERIVED, ParameterUses, Probe, Reprobe, Use, judge_call, record_call,
@@ -55,6 +55,44 @@ def evaluating(model: nn.Module, enabled: bool = True):
             m.training = training
 
 
+class _CallDirectly:
+    """Stands in for torch.utils.checkpoint's reentrant CheckpointFunction during a scoring pass."""
+
+    @staticmethod
+    def apply(function, preserve_rng_state, *args):
+        if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            # As torch's reentrant checkpoint: with no input that requires grad, nothing inside gets a gradient.
+            with torch.no_grad():
+                return function(*args)
+        return function(*args)
+
+
+def _no_recomputation(function, preserve_rng_state, context_fn, *args, **kwargs):
+    """Stands in for the non-reentrant checkpoint's set-up during a scoring pass: nothing to set up."""
+    yield
+
+
+@contextlib.contextmanager
+def _checkpoints_run_plainly():
+    """torch.utils.checkpoint regions run as plain calls during a scoring pass: the values and gradients are
+    the same, and the pass's own substitutions (parameter stand-ins, taps) would not be redone by a
+    recomputation in backward. The cost is memory: the regions' activations are kept, as without
+    checkpointing."""
+    module = torch.utils.checkpoint
+    names = {"CheckpointFunction": _CallDirectly, "_checkpoint_without_reentrant_generator": _no_recomputation}
+    originals = {name: getattr(module, name, None) for name in names}
+    if None in originals.values():  # another torch: checkpoints then run as they are
+        yield
+        return
+    for name, stand_in in names.items():
+        setattr(module, name, stand_in)
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(module, name, original)
+
+
 class _NormTap(torch.autograd.Function):
     """Identity on a scored call's output tensors whose backward hands their arriving gradients to the
     scorer (the module's rule, or an op-level use's batched backward).
@@ -72,6 +110,10 @@ class _NormTap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if in_batched_vjp():
+            # A use's batched backward reached another scored output on its way to the use's leaves: that
+            # path belongs to the other use, which counts it itself.
+            return (None, None, None, *(None for _ in grads))
         ctx.norm_fn(ctx.call, grads)
         return (None, None, None, *grads)
 
@@ -197,7 +239,7 @@ class GradNormScorer:
                 anchor = torch.zeros((), device=args[0].device, requires_grad=True)
                 total = _NormTotal(self.backend, self._per_layer)
                 signature = tuple(id(p) for p, flag in zip(params, requires_grad) if flag)
-                with torch.inference_mode(False), torch.enable_grad():
+                with torch.inference_mode(False), torch.enable_grad(), _checkpoints_run_plainly():
                     probe, verdicts, call_verdicts = None, None, None
                     if self._probed is not None and self._probed[0] == signature:
                         _, verdicts, call_verdicts = self._probed
@@ -260,6 +302,7 @@ class GradNormScorer:
         handles = []
 
         uses = ParameterUses(self.model, captures, batch, record=probe)
+        anchor = torch.zeros((), device=args[0].device, requires_grad=True)
 
         def record(cap):
             def hook(module, inputs, output):
@@ -267,7 +310,10 @@ class GradNormScorer:
                     outs = tensor_outputs(output)
                     with uses.pause():
                         record_call(probe, cap, outs, _batch_dims(module, outs))
-                    uses.mark(outs)
+                        # requires grad downstream as in the scoring pass, where the output is tapped
+                        output = _tap(anchor, None, None, output)
+                    uses.mark(tensor_outputs(output))
+                    return output
             return hook
 
         try:
@@ -356,7 +402,7 @@ class GradNormScorer:
                 leaves = {name: state.uses.stand_in(p) for name, p in params.items()}
                 with replaying_call(), torch.enable_grad():
                     output = functional_call(module, leaves, inputs, kwargs, strict=False)
-                state.uses.mark(tensor_outputs(output), {id(p) for p in params.values()})
+                state.uses.mark(tensor_outputs(output), [(id(params[n]), leaf) for n, leaf in leaves.items()])
                 return output
             cap.calls += 1
             # Activations are data for the norm kernels, not part of the graph to differentiate.
@@ -488,16 +534,19 @@ class _NormTotal:
         call.inputs, call.kwargs = (), {}  # free the call's activations as soon as its norm is known
 
     def add_use(self, use: Use, grads: tuple) -> None:
-        """An op-level use's output gradient arrived: one batched backward through the op."""
+        """An op-level use's output gradient arrived: one batched backward through the op (and the ops without
+        the batch before it) to its stand-in leaves; a parameter read through several leaves sums them."""
         grad = grads[0]
-        result = {id(p): grad.new_zeros((grad.shape[0],) + tuple(p.shape)) for p in use.params}
+        result = {}
+        for pid, leaf in use.leaves:
+            result.setdefault(pid, grad.new_zeros((grad.shape[0],) + tuple(leaf.shape)))
 
         def consume(rows, chunk_grads):
-            for p, g in zip(use.params, chunk_grads):
+            for (pid, _), g in zip(use.leaves, chunk_grads):
                 if g is not None:
-                    result[id(p)][rows] = g.to(grad.dtype)
+                    result[pid][rows] += g.to(grad.dtype)
 
-        batched_vjp([use.output], [grad], [0], use.leaves, consume)
+        batched_vjp([use.output], [grad], [0], [leaf for _, leaf in use.leaves], consume)
         use.output = None  # the op's graph is no longer needed for this use
         self._add_grads({}, result)
 

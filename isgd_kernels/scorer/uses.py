@@ -42,12 +42,11 @@ class Reprobe(Exception):
 
 @dataclass
 class Use:
-    """One op-level use: its output (batch-first, with a graph to the leaves) and the parameters it reads."""
+    """One op-level use: its output (batch-first, with a graph to the leaves) and the stand-ins it reads."""
 
     what: str
     output: torch.Tensor
-    params: list  # the model's parameters
-    leaves: list  # their stand-ins in this pass
+    leaves: list  # (id(parameter), stand-in leaf) pairs; a parameter read twice has two leaves
 
 
 @dataclass
@@ -125,9 +124,8 @@ class ParameterUses(TorchFunctionMode):
         self.model = model
         self.active: Counter = Counter()  # modules whose forward is running
         self.stack: list[nn.Module] = []
-        self.leaves: dict[int, torch.Tensor] = {}  # id(param) -> its stand-in leaf for this pass
-        self.params: dict[int, nn.Parameter] = {}
-        self.derived = WeakIdKeyDictionary()  # tensor -> ids of the parameters it was computed from, no batch
+        # tensor -> (id(param), stand-in leaf) pairs it was computed from, for a tensor without the batch in order
+        self.derived = WeakIdKeyDictionary()
         self.seen = WeakIdKeyDictionary()  # while probing: every tensor downstream of a use
         self.ops_seen = 0
         self.uses: Counter = Counter()  # id(param) -> op-level uses in this pass
@@ -168,21 +166,20 @@ class ParameterUses(TorchFunctionMode):
         finally:
             self.paused = paused
 
-    def mark(self, outputs: list, sources: set | None = None) -> None:
-        """A scored call's outputs: followed while probing; derived from `sources` (parameter ids) if given."""
+    def mark(self, outputs: list, sources: list | None = None) -> None:
+        """A scored call's outputs: followed while probing; derived from `sources` ((id, leaf) pairs) if given."""
         for t in outputs:
             if isinstance(t, torch.Tensor):
                 if self.follow:
                     self.seen[t] = True
                 if sources:
-                    self.derived[t] = frozenset(sources)
+                    self.derived[t] = tuple(sources)
 
-    def stand_in(self, p: nn.Parameter) -> torch.Tensor:
-        """The pass's leaf for `p`, wherever it is used."""
-        if id(p) not in self.leaves:
-            self.leaves[id(p)] = p.detach().requires_grad_(True)
-            self.params[id(p)] = p
-        return self.leaves[id(p)]
+    @staticmethod
+    def stand_in(p: nn.Parameter) -> torch.Tensor:
+        """A fresh leaf for one use of `p`: each use's graph reaches its own leaf only, so the batched backward
+        that takes one use's per-example gradients runs through that use's ops and no others."""
+        return p.detach().requires_grad_(True)
 
     # -- ops ------------------------------------------------------------------------------------------
     def _stand_in(self, t):
@@ -197,7 +194,7 @@ class ParameterUses(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.paused or not torch.is_grad_enabled():
             return func(*args, **kwargs)  # the scorer's own ops; or no graph, so no gradient from this use
-        sources: set[int] = set()
+        sources: list = []  # (id(param), leaf) pairs this op reads
         followed = [False]
 
         def swap(value):
@@ -206,12 +203,13 @@ class ParameterUses(TorchFunctionMode):
                 return type(value)(items) if isinstance(value, tuple) else items
             leaf = self._stand_in(value)
             if leaf is not None:
-                sources.add(id(value))
+                sources.append((id(value), leaf))
                 return leaf
             if isinstance(value, torch.Tensor):
                 from_params = self.derived.get(value)
                 if from_params:
-                    sources.update(from_params)
+                    known = {id(leaf) for _, leaf in sources}
+                    sources.extend(pair for pair in from_params if id(pair[1]) not in known)
                 if self.follow and value in self.seen:
                     followed[0] = True
             return value
@@ -228,7 +226,7 @@ class ParameterUses(TorchFunctionMode):
             return type(output)(items) if isinstance(output, tuple) else items
         return output  # a shape, a bool, ...: nothing to differentiate
 
-    def _classify(self, func, output: torch.Tensor, sources: set[int]):
+    def _classify(self, func, output: torch.Tensor, sources: list):
         name = getattr(func, "__name__", str(func))
         if not (output.is_floating_point() or output.is_complex()):
             return output
@@ -237,11 +235,11 @@ class ParameterUses(TorchFunctionMode):
             self.seen[output] = True
         if self.record is not None:
             self.record.ops.append((name, fingerprint(output)))
-            self.derived[output] = frozenset(sources)
+            self.derived[output] = tuple(sources)
             return output
         if not sources or not output.requires_grad:
             return output  # downstream of a use only (followed while probing), or detached
-        key = (name, tuple(sorted(sources)), output.dim())
+        key = (name, tuple(sorted({pid for pid, _ in sources})), output.dim())
         if self.verdicts is not None:
             if len(self.found) >= len(self.verdicts) or self.verdicts[len(self.found)][0] != key:
                 raise Reprobe()
@@ -254,18 +252,17 @@ class ParameterUses(TorchFunctionMode):
             verdict = BATCHED if output.dim() > 0 and output.shape[0] == self.batch else DERIVED
         self.found.append((key, verdict))
         if verdict == DERIVED:
-            self.derived[output] = frozenset(sources)
+            self.derived[output] = tuple(sources)
             return output
-        params = [self.params[i] for i in sorted(sources)]
-        for i in sources:
-            self.uses[i] += 1
-        use = Use(f"{name} in {self.where()}", output, params, [self.leaves[i] for i in sorted(sources)])
+        for pid in {pid for pid, _ in sources}:
+            self.uses[pid] += 1
+        use = Use(f"{name} in {self.where()}", output, list(sources))
         tapped = self.tap(use)
         if self.follow:
             self.seen[tapped] = True
         return tapped
 
-    def _judge(self, name: str, output: torch.Tensor, index: int, sources: set[int]) -> str:
+    def _judge(self, name: str, output: torch.Tensor, index: int, sources: list) -> str:
         if index >= len(self.against.ops) or self.against.ops[index][0] != name:
             raise ValueError(
                 f"GradNormScorer: the model runs different operations when the examples of the batch come in "

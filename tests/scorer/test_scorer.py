@@ -1,8 +1,11 @@
 """GradNormScorer: whole-model per-example gradient norms against torch.func.vmap(grad) in float64."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
 
 import isgd_kernels
 from isgd_kernels import GradNormScorer, UnsupportedModuleError, per_example_grad_norms
@@ -522,32 +525,41 @@ def test_exact_fallback_for_layers_without_a_rule():
 
 
 class _CheckpointedNet(nn.Module):
-    """Blocks under torch.utils.checkpoint, after a trainable first layer (so block inputs require grad)."""
+    """Blocks under torch.utils.checkpoint (imported by name, as model zoos do), after a trainable first
+    layer, with a bare LayerScale parameter used inside the checkpointed function."""
 
-    def __init__(self, reentrant: bool):
+    def __init__(self, reentrant: bool, first_trainable: bool = True):
         super().__init__()
-        self.first = nn.Linear(7, 8)
+        self.first = nn.Linear(7, 8).requires_grad_(first_trainable)
         self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.Tanh()) for _ in range(2))
+        self.gamma = nn.Parameter(torch.full((8,), 0.7))
         self.head = nn.Linear(8, 3)
         self.reentrant = reentrant
 
     def forward(self, x):
         h = self.first(x)
         for block in self.blocks:
-            h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=self.reentrant)
+            h = h + checkpoint(lambda t, block=block: self.gamma * block(t), h, use_reentrant=self.reentrant)
         return self.head(h)
 
 
-def test_non_reentrant_activation_checkpointing_gives_the_exact_norm():
-    """Non-reentrant checkpointing (the default in many model zoos) recomputes layers inside backward, once
-    refused as 'called more than once': exact against a per-example autograd loop. Reentrant checkpointing
-    only runs under .backward(), so it is refused with that reason."""
-    from isgd_kernels.scorer.reference import per_example_grad_norms_loop
-
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("first_trainable", [True, False])
+def test_activation_checkpointing_gives_the_exact_norm(reentrant, first_trainable):
+    """Checkpointed regions run as plain calls during a scoring pass (same values and gradients, no
+    recomputation in backward), so both forms are exact, with a bare parameter used inside the region."""
     torch.manual_seed(17)
     x, y = torch.randn(5, 7, dtype=torch.float64), torch.randint(0, 3, (5,))
-    model = _CheckpointedNet(reentrant=False).double()
-    got = GradNormScorer(model).norms(x, y, xent)
-    assert_close_rel(got, per_example_grad_norms_loop(model, xent, x, y), 1e-10)
-    with pytest.raises(ValueError, match="use_reentrant=True"):
-        GradNormScorer(_CheckpointedNet(reentrant=True).double()).norms(x, y, xent)
+    model = _CheckpointedNet(reentrant, first_trainable).double()
+    expected = []  # .backward() per example: what a training step gives, also for reentrant checkpoints
+    for i in range(5):  # (whose blocks get no gradient at all when no input of theirs requires grad)
+        model.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # reentrant checkpoint: "None of the inputs have requires_grad"
+            xent(model(x[i:i + 1]), y[i:i + 1]).sum().backward()
+        expected.append(sum(p.grad.square().sum() for p in model.parameters() if p.grad is not None).sqrt())
+    scorer = GradNormScorer(model)
+    for _ in range(2):
+        assert_close_rel(scorer.norms(x, y, xent), torch.stack(expected), 1e-10)
+    assert torch.utils.checkpoint.CheckpointFunction.__name__ == "CheckpointFunction"  # given back
+    assert torch.utils.checkpoint._checkpoint_without_reentrant_generator.__module__ == "torch.utils.checkpoint"

@@ -53,6 +53,14 @@ def warn_once(cap: LayerCapture) -> None:
             stacklevel=4)
 
 
+_IN_BATCHED_VJP = [0]
+
+
+def in_batched_vjp() -> bool:
+    """True while a batched backward of the scorer's own runs (the taps it meets then pass nothing on)."""
+    return _IN_BATCHED_VJP[0] > 0
+
+
 def batched_vjp(outputs: list, grad_outputs: list, batch_dims: list, inputs: list,
                 consume: Callable[[torch.Tensor, list], None]) -> None:
     """Per-example gradients of `inputs` from the per-example output gradients, chunk by chunk.
@@ -76,8 +84,12 @@ def batched_vjp(outputs: list, grad_outputs: list, batch_dims: list, inputs: lis
             cot = moved.new_zeros((len(rows),) + tuple(moved.shape))
             cot[torch.arange(len(rows), device=device), rows] = moved[rows]
             cotangents.append(cot.movedim(1, d + 1))
-        grads = torch.autograd.grad([o for o, _, _ in pairs], inputs, grad_outputs=cotangents,
-                                    is_grads_batched=True, retain_graph=True, allow_unused=True)
+        _IN_BATCHED_VJP[0] += 1
+        try:
+            grads = torch.autograd.grad([o for o, _, _ in pairs], inputs, grad_outputs=cotangents,
+                                        is_grads_batched=True, retain_graph=True, allow_unused=True)
+        finally:
+            _IN_BATCHED_VJP[0] -= 1
         consume(rows, list(grads))
 
 
