@@ -270,16 +270,12 @@ class GradNormScorer:
                         _check_examples_separate(outputs, losses, batch)
                     if losses.requires_grad:
                         total.backward_started = state.backward_started = True
-                        try:
-                            torch.autograd.grad(losses.sum(), anchor, allow_unused=True)
-                        except RuntimeError as exc:
-                            if "use_reentrant" not in str(exc):
-                                raise
-                            raise ValueError(
-                                "GradNormScorer: the model uses torch.utils.checkpoint with use_reentrant=True, "
-                                "which torch runs only under .backward() (not autograd.grad, which the norms-only "
-                                "pass needs so as not to write any .grad). Use use_reentrant=False (the same "
-                                "memory saving; PyTorch's recommended mode).") from None
+                        # On a probed pass the backward also takes the batch gradient of every stand-in leaf,
+                        # which the uses' per-example gradients must add up to: nothing left out.
+                        leaves = [leaf for _, leaf in uses.stand_ins] if probe is not None else []
+                        full = torch.autograd.grad(losses.sum(), [anchor, *leaves], allow_unused=True)[1:]
+                        if leaves:
+                            total.check_accounted(uses, full)
                 sq = total.value(batch, args[0].device, accumulation_dtype(losses.dtype))
             finally:
                 for h in handles:
@@ -495,6 +491,7 @@ class _NormTotal:
         self.multi: set[int] = set()  # ids of parameters with several uses in this pass
         self.owner: dict[int, str] = {}  # id(param) -> name of the scored module it belongs to
         self.summed: dict[int, torch.Tensor] = {}  # id(param) -> (B, *shape) sum of its uses' gradients
+        self.leaf_sums: dict[int, torch.Tensor] = {}  # id(stand-in leaf) -> its per-example gradients' sum
 
     def count_uses(self, captures: list[LayerCapture], op_uses) -> None:
         uses = dict(op_uses)
@@ -542,13 +539,30 @@ class _NormTotal:
             result.setdefault(pid, grad.new_zeros((grad.shape[0],) + tuple(leaf.shape)))
 
         def consume(rows, chunk_grads):
-            for (pid, _), g in zip(use.leaves, chunk_grads):
+            for (pid, leaf), g in zip(use.leaves, chunk_grads):
                 if g is not None:
                     result[pid][rows] += g.to(grad.dtype)
+                    self.leaf_sums[id(leaf)] = self.leaf_sums.get(id(leaf), 0) + g.double().sum(0)
 
         batched_vjp([use.output], [grad], [0], [leaf for _, leaf in use.leaves], consume)
         use.output = None  # the op's graph is no longer needed for this use
         self._add_grads({}, result)
+
+    def check_accounted(self, uses: ParameterUses, full: tuple) -> None:
+        """The per-example gradients the uses took of each stand-in leaf add up to the leaf's batch gradient:
+        a use the scorer failed to tap would otherwise be a silently missing term."""
+        for (pid, leaf), g in zip(uses.stand_ins, full):
+            if g is None:
+                continue
+            got = self.leaf_sums.get(id(leaf))
+            g = g.double()
+            scale = g.abs().max()
+            rtol = 1e-9 if leaf.dtype == torch.float64 else 1e-3
+            if scale > 0 and (got is None or (got - g).abs().max() > rtol * scale):
+                raise RuntimeError(
+                    f"GradNormScorer: internal check failed: the per-example gradients of parameter "
+                    f"'{uses.label.get(pid, '?')}' do not add up to its batch gradient, so a use of it was not "
+                    "scored. Please report this model; check_examples_separate=False skips the check.")
 
     def value(self, batch: int, device, dtype) -> torch.Tensor:
         for pid, g in self.summed.items():

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from isgd_kernels.scorer.registry import LayerCapture
@@ -126,6 +126,7 @@ class ParameterUses(TorchFunctionMode):
         self.stack: list[nn.Module] = []
         # tensor -> (id(param), stand-in leaf) pairs it was computed from, for a tensor without the batch in order
         self.derived = WeakIdKeyDictionary()
+        self.stand_ins: list = []  # every (id(param), leaf) of this pass, for the accounting check
         self.seen = WeakIdKeyDictionary()  # while probing: every tensor downstream of a use
         self.ops_seen = 0
         self.uses: Counter = Counter()  # id(param) -> op-level uses in this pass
@@ -175,11 +176,12 @@ class ParameterUses(TorchFunctionMode):
                 if sources:
                     self.derived[t] = tuple(sources)
 
-    @staticmethod
-    def stand_in(p: nn.Parameter) -> torch.Tensor:
+    def stand_in(self, p: nn.Parameter) -> torch.Tensor:
         """A fresh leaf for one use of `p`: each use's graph reaches its own leaf only, so the batched backward
         that takes one use's per-example gradients runs through that use's ops and no others."""
-        return p.detach().requires_grad_(True)
+        leaf = p.detach().requires_grad_(True)
+        self.stand_ins.append((id(p), leaf))
+        return leaf
 
     # -- ops ------------------------------------------------------------------------------------------
     def _stand_in(self, t):
@@ -221,10 +223,11 @@ class ParameterUses(TorchFunctionMode):
         output = func(*new_args, **new_kwargs)
         if isinstance(output, torch.Tensor):
             return self._classify(func, output, sources)
-        if isinstance(output, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in output):
-            items = [self._classify(func, o, sources) for o in output]
-            return type(output)(items) if isinstance(output, tuple) else items
-        return output  # a shape, a bool, ...: nothing to differentiate
+        # Any nesting (F.multi_head_attention_forward returns (output, None)): each tensor in it; a shape, a
+        # bool, None: nothing to differentiate.
+        leaves, spec = tree_flatten(output)
+        return tree_unflatten([self._classify(func, t, sources) if isinstance(t, torch.Tensor) else t
+                               for t in leaves], spec)
 
     def _classify(self, func, output: torch.Tensor, sources: list):
         name = getattr(func, "__name__", str(func))

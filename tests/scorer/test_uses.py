@@ -259,3 +259,42 @@ def test_active_dropout_skips_the_probe_with_a_warning():
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
     with pytest.warns(UserWarning, match="layout probe cannot run"):
         GradNormScorer(model, eval_mode=False).norms(x, y, xent)
+
+
+class EncoderClassifier(nn.Module):
+    def __init__(self, norm_first):
+        super().__init__()
+        self.inp = nn.Linear(5, 12)
+        self.layer = nn.TransformerEncoderLayer(12, 3, 24, dropout=0.0, batch_first=True, norm_first=norm_first)
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.head(self.layer(self.inp(x)).mean(1))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder_layer_is_exact(norm_first):
+    torch.manual_seed(11)
+    model = EncoderClassifier(norm_first).double()
+    x, y = torch.randn(4, 6, 5, dtype=torch.float64), torch.randint(0, 4, (4,))
+    assert_close_rel(GradNormScorer(model).norms(x, y, xent), per_example_grad_norms_loop(model, xent, x, y), 1e-10)
+
+
+def test_a_use_left_unscored_is_caught_by_the_accounting_check(monkeypatch):
+    """On a probed pass the uses' per-example gradients must add up to each stand-in's batch gradient: a use
+    that the op watch failed to tap (simulated here) raises instead of giving too small a norm."""
+    from isgd_kernels.scorer import uses
+
+    classify = uses.ParameterUses._classify
+
+    def forgetful(self, func, output, sources):
+        if getattr(func, "__name__", "") == "transpose" and sources and self.record is None:
+            return output  # as if this op's output had not been seen
+        return classify(self, func, output, sources)
+
+    monkeypatch.setattr(uses.ParameterUses, "_classify", forgetful)
+    torch.manual_seed(12)
+    model = EncoderClassifier(True).double()
+    x, y = torch.randn(4, 6, 5, dtype=torch.float64), torch.randint(0, 4, (4,))
+    with pytest.raises(RuntimeError, match="internal check failed.*'layer.self_attn"):
+        GradNormScorer(model).norms(x, y, xent)
