@@ -255,6 +255,13 @@ class GradNormScorer:
                     uses = ParameterUses(model, captures, batch, against=probe, verdicts=verdicts,
                                          tap=lambda use: _tap(anchor, use, total.add_use, use.output))
                     state = _PassState(batch, anchor, total, probe, uses, call_verdicts)
+                    # Parameters scored op by op reach the graph only through their stand-ins; on a probed pass
+                    # they require grad, so that a use the op watch cannot see (a custom autograd.Function, an
+                    # extension op) shows as a gradient of the parameter itself.
+                    unseen = [p for cap in captures if cap.per_use for p in cap.trainable_parameters().values()]
+                    unseen = unseen if probe is not None else []
+                    for p in unseen:
+                        p.requires_grad_(True)
                     for cap in captures:
                         if not cap.per_use:
                             handles.append(cap.module.register_forward_hook(self._make_hook(cap, state),
@@ -273,9 +280,10 @@ class GradNormScorer:
                         # On a probed pass the backward also takes the batch gradient of every stand-in leaf,
                         # which the uses' per-example gradients must add up to: nothing left out.
                         leaves = [leaf for _, leaf in uses.stand_ins] if probe is not None else []
-                        full = torch.autograd.grad(losses.sum(), [anchor, *leaves], allow_unused=True)[1:]
+                        full = torch.autograd.grad(losses.sum(), [anchor, *leaves, *unseen], allow_unused=True)[1:]
                         if leaves:
-                            total.check_accounted(uses, full)
+                            total.check_accounted(uses, full[:len(leaves)])
+                        _refuse_unseen_uses(uses, unseen, full[len(leaves):])
                 sq = total.value(batch, args[0].device, accumulation_dtype(losses.dtype))
             finally:
                 for h in handles:
@@ -430,6 +438,16 @@ def _batch_dims(module: nn.Module, outputs: list) -> list:
     """Where each output of a scored module holds the batch: its rule's declaration, else dim 0."""
     spec = RULES.get(type(module))
     return spec.batch_dims(module, outputs) if spec is not None and spec.batch_dims else [0] * len(outputs)
+
+
+def _refuse_unseen_uses(uses: ParameterUses, params: list, grads: tuple) -> None:
+    for p, g in zip(params, grads):
+        if g is not None and bool(g.ne(0).any()):
+            raise UnsupportedModuleError(
+                f"GradNormScorer: parameter '{uses.label.get(id(p), '?')}' is used by an operation that does not go "
+                "through torch's Python dispatch (a custom torch.autograd.Function, an extension op), so its "
+                "per-example gradient cannot be taken there. Move that use into a module of its own (it is then "
+                "scored by the exact fallback or a rule you register), or freeze the parameter.")
 
 
 @dataclass

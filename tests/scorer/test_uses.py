@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from isgd_kernels import GradNormScorer
+from isgd_kernels import GradNormScorer, UnsupportedModuleError
 from isgd_kernels.scorer.reference import per_example_grad_norms_loop, per_example_grad_norms_vmap
 from tests.utils import assert_close_rel
 
@@ -297,4 +297,32 @@ def test_a_use_left_unscored_is_caught_by_the_accounting_check(monkeypatch):
     model = EncoderClassifier(True).double()
     x, y = torch.randn(4, 6, 5, dtype=torch.float64), torch.randint(0, 4, (4,))
     with pytest.raises(RuntimeError, match="internal check failed.*'layer.self_attn"):
+        GradNormScorer(model).norms(x, y, xent)
+
+
+class _Scale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g * w, (g * x).sum(0)
+
+
+def test_a_bare_parameter_used_by_a_custom_function_is_refused_not_left_out():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.w = nn.Linear(3, 4), nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return _Scale.apply(self.fc(x), self.w)
+
+    torch.manual_seed(13)
+    model = Custom().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 4, (5,))
+    with pytest.raises(UnsupportedModuleError, match="'<root>.w' is used by an operation that does not go"):
         GradNormScorer(model).norms(x, y, xent)
