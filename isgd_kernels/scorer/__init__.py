@@ -29,6 +29,7 @@ from isgd_kernels._checks import accumulation_dtype
 from isgd_kernels.scorer import rules  # noqa: F401  (registers the built-in rules)
 from isgd_kernels.scorer.rules.fallback import (autograd_fallback_rule, batched_vjp, in_batched_vjp, per_example_grads,
                                                 replaying, replaying_call, warn_once)
+from isgd_kernels.scorer.parts import sq_norm_of_sum
 from isgd_kernels.scorer.registry import (RULES, LayerCapture, Rule, UnsupportedModuleError, register_rule,
                                           supported_names)
 from isgd_kernels.scorer.uses import (DERIVED, ParameterUses, Probe, Reprobe, Use, judge_call, record_call,
@@ -508,7 +509,7 @@ class _NormTotal:
         self.backward_started = False
         self.multi: set[int] = set()  # ids of parameters with several uses in this pass
         self.owner: dict[int, str] = {}  # id(param) -> name of the scored module it belongs to
-        self.summed: dict[int, torch.Tensor] = {}  # id(param) -> (B, *shape) sum of its uses' gradients
+        self.parts: dict[int, list] = {}  # id(param) -> its uses' per-example gradients (scorer/parts.py)
         self.leaf_sums: dict[int, torch.Tensor] = {}  # id(stand-in leaf) -> its per-example gradients' sum
 
     def count_uses(self, captures: list[LayerCapture], op_uses) -> None:
@@ -524,12 +525,13 @@ class _NormTotal:
         if self.per_layer is not None:
             self.per_layer[name] = self.per_layer.get(name, 0) + sq.detach().double()
 
-    def _add_grads(self, params: dict[int, torch.Tensor], grads: dict[int, torch.Tensor]) -> None:
+    def _add_grads(self, params: dict[int, torch.Tensor], grads: dict) -> None:
+        """Per-example gradients of one use (dense (B, *shape), or a LinearPart / EmbeddingPart)."""
         for pid, g in grads.items():
             if pid in self.multi:
-                self.summed[pid] = g if pid not in self.summed else self.summed[pid] + g
+                self.parts.setdefault(pid, []).append(g)
             else:
-                self._add(self.owner[pid], g.reshape(g.shape[0], -1).to(accumulation_dtype(g.dtype)).square().sum(1))
+                self._add(self.owner[pid], sq_norm_of_sum([g], self.backend))
 
     def add_call(self, call: LayerCapture, grads: tuple) -> None:
         """A scored module call's output gradients arrived."""
@@ -583,9 +585,9 @@ class _NormTotal:
                     "scored. Please report this model; check_examples_separate=False skips the check.")
 
     def value(self, batch: int, device, dtype) -> torch.Tensor:
-        for pid, g in self.summed.items():
-            self._add(self.owner[pid], g.reshape(g.shape[0], -1).to(accumulation_dtype(g.dtype)).square().sum(1))
-        self.summed = {}
+        for pid, parts in self.parts.items():
+            self._add(self.owner[pid], sq_norm_of_sum(parts, self.backend))
+        self.parts = {}
         if self.sum is None:
             return torch.zeros(batch, device=device, dtype=dtype)
         return self.sum.to(dtype)

@@ -326,3 +326,30 @@ def test_a_bare_parameter_used_by_a_custom_function_is_refused_not_left_out():
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 4, (5,))
     with pytest.raises(UnsupportedModuleError, match="'<root>.w' is used by an operation that does not go"):
         GradNormScorer(model).norms(x, y, xent)
+
+
+class EveryKindOfUse(nn.Module):
+    """One weight used by a Linear call twice, an Embedding lookup twice (tied), and functionally: every
+    pair of the parts' cross terms (scorer/parts.py) is exercised."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 6)
+        self.proj = nn.Linear(6, 9, bias=False)
+        self.proj.weight = self.emb.weight  # (9, 6): a lookup table and a map 6 -> 9
+        self.mix = nn.Linear(9, 6)
+
+    def forward(self, tokens):
+        h = self.emb(tokens) + self.emb(tokens.flip(1))  # two lookups
+        z = self.proj(torch.tanh(h))  # the tied map
+        h2 = self.mix(z)
+        z2 = self.proj(h2)  # called again
+        return (z2 + F.linear(torch.sin(h2), self.emb.weight * 0.5)).mean(1)  # and a functional use
+
+
+def test_every_pair_of_use_kinds_is_exact():
+    torch.manual_seed(14)
+    model = EveryKindOfUse().double()
+    tokens, y = torch.randint(0, 9, (5, 4)), torch.randint(0, 9, (5,))
+    assert_close_rel(GradNormScorer(model).norms(tokens, y, xent), per_example_grad_norms_loop(model, xent, tokens, y),
+                     1e-10)
