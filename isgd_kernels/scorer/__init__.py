@@ -29,7 +29,7 @@ from isgd_kernels._checks import accumulation_dtype
 from isgd_kernels.scorer import rules  # noqa: F401  (registers the built-in rules)
 from isgd_kernels.scorer.rules.fallback import (autograd_fallback_rule, batched_vjp, in_batched_vjp, per_example_grads,
                                                 replaying, replaying_call, warn_once)
-from isgd_kernels.scorer.parts import sq_norm_of_sum
+from isgd_kernels.scorer.parts import LinearPart, sq_norm_of_sum
 from isgd_kernels.scorer.registry import (RULES, LayerCapture, Rule, UnsupportedModuleError, register_rule,
                                           supported_names)
 from isgd_kernels.scorer.uses import (DERIVED, ParameterUses, Probe, Reprobe, Use, judge_call, record_call,
@@ -256,6 +256,7 @@ class GradNormScorer:
                     uses = ParameterUses(model, captures, batch, against=probe, verdicts=verdicts,
                                          tap=lambda use: _tap(anchor, use, total.add_use, use.output))
                     state = _PassState(batch, anchor, total, probe, uses, call_verdicts)
+                    total.checking = probe is not None
                     # Parameters scored op by op reach the graph only through their stand-ins; on a probed pass
                     # they require grad, so that a use the op watch cannot see (a custom autograd.Function, an
                     # extension op) shows as a gradient of the parameter itself.
@@ -511,6 +512,7 @@ class _NormTotal:
         self.owner: dict[int, str] = {}  # id(param) -> name of the scored module it belongs to
         self.parts: dict[int, list] = {}  # id(param) -> its uses' per-example gradients (scorer/parts.py)
         self.leaf_sums: dict[int, torch.Tensor] = {}  # id(stand-in leaf) -> its per-example gradients' sum
+        self.checking = False  # a probed pass: the sums are checked against the batch gradients
 
     def count_uses(self, captures: list[LayerCapture], op_uses) -> None:
         uses = dict(op_uses)
@@ -554,6 +556,19 @@ class _NormTotal:
         """An op-level use's output gradient arrived: one batched backward through the op (and the ops without
         the batch before it) to its stand-in leaves; a parameter read through several leaves sums them."""
         grad = grads[0]
+        if use.linear is not None:  # F.linear on a weight: factored, no batched backward
+            x, (wid, wleaf), bias = use.linear
+            A, G = x.reshape(x.shape[0], -1, x.shape[-1]), grad.reshape(grad.shape[0], -1, grad.shape[-1])
+            result = {wid: LinearPart(A, G)}
+            if bias is not None:
+                result[bias[0]] = G.sum(1)
+            if self.checking:
+                self.leaf_sums[id(wleaf)] = torch.einsum("bto,bti->oi", G.double(), A.double())
+                if bias is not None:
+                    self.leaf_sums[id(bias[1])] = G.double().sum((0, 1))
+            use.output = None
+            self._add_grads({}, result)
+            return
         result = {}
         for pid, leaf in use.leaves:
             result.setdefault(pid, grad.new_zeros((grad.shape[0],) + tuple(leaf.shape)))

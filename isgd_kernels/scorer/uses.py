@@ -47,6 +47,9 @@ class Use:
     what: str
     output: torch.Tensor
     leaves: list  # (id(parameter), stand-in leaf) pairs; a parameter read twice has two leaves
+    # F.linear(x, W, b) with W (and b) stand-ins and x free of parameters: (x, W's pair, b's pair or None), so
+    # W's per-example gradients stay factored (scorer/parts.py) instead of going through a batched backward
+    linear: tuple | None = None
 
 
 @dataclass
@@ -222,14 +225,14 @@ class ParameterUses(TorchFunctionMode):
             return func(*args, **kwargs)
         output = func(*new_args, **new_kwargs)
         if isinstance(output, torch.Tensor):
-            return self._classify(func, output, sources)
+            return self._classify(func, output, sources, _linear_factors(func, new_args, new_kwargs, sources))
         # Any nesting (F.multi_head_attention_forward returns (output, None)): each tensor in it; a shape, a
         # bool, None: nothing to differentiate.
         leaves, spec = tree_flatten(output)
         return tree_unflatten([self._classify(func, t, sources) if isinstance(t, torch.Tensor) else t
                                for t in leaves], spec)
 
-    def _classify(self, func, output: torch.Tensor, sources: list):
+    def _classify(self, func, output: torch.Tensor, sources: list, factors=None):
         name = getattr(func, "__name__", str(func))
         if not (output.is_floating_point() or output.is_complex()):
             return output
@@ -259,7 +262,7 @@ class ParameterUses(TorchFunctionMode):
             return output
         for pid in {pid for pid, _ in sources}:
             self.uses[pid] += 1
-        use = Use(f"{name} in {self.where()}", output, list(sources))
+        use = Use(f"{name} in {self.where()}", output, list(sources), factors)
         tapped = self.tap(use)
         if self.follow:
             self.seen[tapped] = True
@@ -282,6 +285,24 @@ class ParameterUses(TorchFunctionMode):
 
 def record_call(probe: Probe, cap: LayerCapture, outputs: list, dims: list) -> None:
     probe.calls.append((cap.name, [fingerprint(o, d) if d is not None else None for o, d in zip(outputs, dims)]))
+
+
+_LINEAR_FUNCS = {torch.nn.functional.linear, torch._C._nn.linear}
+
+
+def _linear_factors(func, args: tuple, kwargs: dict, sources: list):
+    """(x, weight pair, bias pair or None) of F.linear whose weight (and bias) are this op's only sources."""
+    if func not in _LINEAR_FUNCS or len(args) < 2 or kwargs:
+        return None
+    x, weight, bias = args[0], args[1], args[2] if len(args) > 2 else None
+    by_leaf = {id(leaf): pair for pair in sources for leaf in (pair[1],)}
+    if id(weight) not in by_leaf or x.dim() < 2:
+        return None
+    if bias is not None and id(bias) not in by_leaf and bias.requires_grad:
+        return None
+    if len(sources) != 1 + (bias is not None and id(bias) in by_leaf):
+        return None  # x carries parameters too: the general batched backward
+    return x.detach(), by_leaf[id(weight)], by_leaf.get(id(bias)) if bias is not None else None
 
 
 def judge_call(cap: LayerCapture, outputs: list, dims: list, batch: int, probe: Probe | None, index: int) -> str:
