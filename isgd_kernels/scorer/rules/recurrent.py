@@ -49,9 +49,9 @@ class _Direction:
 def _refuse_dropout(module: nn.Module, label: str) -> None:
     if module.training and module.dropout > 0 and module.num_layers > 1:
         raise ValueError(
-            f"GradNormScorer: {label} is in training mode with dropout={module.dropout} between its layers: "
-            "the scorer cannot replay the random masks its forward drew. Score in eval mode (eval_mode=True, the "
-            "default), or set its dropout to 0.")
+            f"GradNormScorer: {label} is in training mode with dropout={module.dropout} between its "
+            "layers: the scorer cannot replay the random masks its forward drew. Score in eval mode "
+            "(eval_mode=True, the default), or set its dropout to 0.")
 
 
 def recurrent_batch_dims(module: nn.Module, outputs: list) -> list:
@@ -64,28 +64,31 @@ def recurrent_batch_dims(module: nn.Module, outputs: list) -> list:
     _refuse_dropout(module, what)
     if outputs[-states].dim() == 2:
         raise ValueError(
-            f"GradNormScorer: {what} was called on an unbatched input (a 2-D sequence): per-example gradients "
-            "need a batch. Pass (B, T, features) with batch_first=True, or (T, B, features).")
-    packed = len(outputs) > 1 + states  # PackedSequence: data, batch_sizes[, sorted_indices, unsorted_indices]
+            f"GradNormScorer: {what} was called on an unbatched input (a 2-D sequence): per-example "
+            "gradients need a batch. Pass (B, T, features) with batch_first=True, or (T, B, features).")
+    # A PackedSequence output brings data, batch_sizes[, sorted_indices, unsorted_indices].
+    packed = len(outputs) > 1 + states
     first = [None] * (len(outputs) - states) if packed else [0 if module.batch_first else 1]
     return first + [1] * states
 
 
 def _weights(cap: LayerCapture, acc: torch.dtype) -> dict[str, torch.Tensor]:
-    """The module's weights by name, detached, in the accumulation dtype; refuses parameters it cannot place."""
+    """The module's weights by name, detached, in the accumulation dtype; refuses parameters it does not
+    know."""
     module = cap.module
     names = list(module._flat_weights_names)
     unknown = [n for n, t in cap.trainable.items() if t and n not in names]
     if unknown:
         raise ValueError(
-            f"GradNormScorer: {cap.label} has trainable parameters {unknown} that its recurrence does not read "
-            f"directly (a reparametrization such as weight_norm?); the rule knows {names}. Freeze them "
-            "(requires_grad_(False)), or register a rule for this module with isgd_kernels.scorer.register_rule.")
-    return {n: getattr(module, n).detach().to(acc) for n in names if getattr(module, n, None) is not None}
+            f"GradNormScorer: {cap.label} has trainable parameters {unknown} that its recurrence does not "
+            f"read directly (a reparametrization such as weight_norm?); the rule knows {names}. Freeze them "
+            "(requires_grad_(False)), or register a rule for this module with "
+            "isgd_kernels.scorer.register_rule.")
+    return {n: getattr(module, n).detach().to(acc) for n in names}
 
 
 def _inputs(cap: LayerCapture, acc: torch.dtype):
-    """(x (B, T, in), lengths (B,) or None for unpacked input, initial state: h0 and c0 (L*D, B, *) or None)."""
+    """x (B, T, in); lengths (B,) of a packed input, else None; the initial h0, c0 (L*D, B, *) or None."""
     module = cap.module
     x, hx = cap.argument(0, "input"), cap.argument(1, "hx")
     lengths = None
@@ -93,8 +96,9 @@ def _inputs(cap: LayerCapture, acc: torch.dtype):
         x, lengths = pad_packed_sequence(x, batch_first=True)  # examples in their original order
     elif not isinstance(x, torch.Tensor) or x.dim() != 3:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"GradNormScorer: {cap.label} was called on {got}; per-example gradients need a batched "
-                         "input, (B, T, features) with batch_first=True or (T, B, features), or a PackedSequence.")
+        raise ValueError(f"GradNormScorer: {cap.label} was called on {got}; per-example gradients need a "
+                         "batched input, (B, T, features) with batch_first=True or (T, B, features), or a "
+                         "PackedSequence.")
     elif not module.batch_first:
         x = x.transpose(0, 1)
     if isinstance(module, nn.LSTM):
@@ -140,8 +144,8 @@ def _replay(cap: LayerCapture, grad_output) -> list[_Direction]:
     module = cap.module
     _refuse_dropout(module, cap.label)
     grad_output = tuple(grad_output) if isinstance(grad_output, (tuple, list)) else (grad_output,)
-    first = cap.argument(0, "input")
-    acc = accumulation_dtype(grad_output[0].dtype, (first.data if isinstance(first, PackedSequence) else first).dtype)
+    first = cap.argument(0, "input")  # a PackedSequence's .data too
+    acc = accumulation_dtype(grad_output[0].dtype, first.data.dtype)
     w = _weights(cap, acc)
     x, lengths, h0, c0 = _inputs(cap, acc)
     batch, steps = x.shape[0], x.shape[1]
@@ -159,7 +163,9 @@ def _replay(cap: LayerCapture, grad_output) -> list[_Direction]:
 
     outputs, out_grads = [], []  # what autograd.grad starts from
     wrt = []  # what it differentiates w.r.t.: each layer's gi; GRU's gh_t, the projected h_t (lists over t)
-    held = []  # per layer >= lowest and direction: (suffix, layer input, index of gi in wrt, of gh, of h, prevs, a)
+    # Per direction of a layer >= lowest: its suffix, input, direction, where its gi, gh_t, h_t are in wrt,
+    # h_{t-1} and a_t.
+    held = []
     with torch.autocast(x.device.type, enabled=False):
         for layer in range(module.num_layers):
             with torch.set_grad_enabled(layer >= lowest):
@@ -205,7 +211,7 @@ def _replay(cap: LayerCapture, grad_output) -> list[_Direction]:
                         if w_hr is not None:
                             at_h = len(wrt)
                             wrt.extend(hps)
-                        held.append((s, x, at_gi, d, at_gh, at_h, prevs, acts if w_hr is not None else None))
+                        held.append((s, x, d, at_gi, at_gh, at_h, prevs, acts if w_hr is not None else None))
                 x = torch.cat(layer_out, -1) if dirs > 1 else layer_out[0]
         for d in range(dirs):
             if layer_out[d].requires_grad:
@@ -215,7 +221,7 @@ def _replay(cap: LayerCapture, grad_output) -> list[_Direction]:
     grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, wrt)]
 
     result = []
-    for s, inp, at_gi, d, at_gh, at_h, prevs, acts in held:
+    for s, inp, d, at_gi, at_gh, at_h, prevs, acts in held:
         dgi = grads[at_gi][..., d * gates:(d + 1) * gates]
         # RNN and LSTM add gi and gh before any nonlinearity: dgh = dgi.
         dgh = torch.stack(grads[at_gh:at_gh + steps], 1) if at_gh is not None else dgi
