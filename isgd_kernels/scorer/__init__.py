@@ -328,7 +328,16 @@ class GradNormScorer:
                     handles.append(cap.module.register_forward_hook(record(cap)))
             with torch.random.fork_rng(devices=[args[0].device] if args[0].is_cuda else []):
                 with uses:
-                    self.model(*permuted)
+                    try:
+                        self.model(*permuted)
+                    except (ValueError, RuntimeError) as exc:
+                        if isinstance(exc, UnsupportedModuleError) or str(exc).startswith("GradNormScorer"):
+                            raise
+                        raise ValueError(
+                            "GradNormScorer: the layout probe runs the model once on the batch in reverse order "
+                            f"(first pass only), and the model refused it: {exc}. If the model needs its batch in "
+                            "a particular order (pack_padded_sequence with enforce_sorted=True), pass "
+                            "enforce_sorted=False, or check_examples_separate=False to skip the probe.") from exc
         finally:
             for h in handles:
                 h.remove()

@@ -266,7 +266,8 @@ def test_packed_sorted_batch():
     tokens, targets = _tokens(4, 6)
     pad = torch.arange(6)[None, :] >= torch.tensor([6, 4, 4, 2])[:, None]
     tokens[pad], targets[pad] = 0, -1
-    with pytest.raises(RuntimeError, match="enforce_sorted"):
+    with pytest.raises(ValueError, match="layout probe runs the model once on the batch in reverse order.*"
+                                         "enforce_sorted=False"):
         GradNormScorer(model).norms(tokens, targets, packed_loss)
     got = GradNormScorer(model, check_examples_separate=False).norms(tokens, targets, packed_loss)
     assert_close_rel(got, loop_norms(model, packed_loss, tokens, targets), 1e-10, "sorted")
