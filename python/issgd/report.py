@@ -203,7 +203,8 @@ def seeds_table(agg: dict) -> str:
         def show(v):
             return "not reached" if ratio and v == math.inf else fmt(v, spec)
 
-        rng = "-" if mr["low"] is None else f"{show(mr['low'])} – {show(mr['high'])}"
+        low, high = show(mr["low"]), show(mr["high"])
+        rng = low if low == high else f"{low} – {high}"
         rows.append(f"| {label} | {show(mr['median'])} | {rng} | "
                     + ", ".join("not reached" if ratio and v is None else fmt(v, spec) for v in mr["values"]) + " |")
 
@@ -331,14 +332,14 @@ def plot_seeds(pairs: list[dict[str, list[dict]]], comparisons: list[dict], path
                 ax.plot(steps, values, style, color=color, alpha=0.25, linewidth=0.8)
             steps, median = _median_curve(curves)
             ax.plot(steps, median, style, color=color, linewidth=2, label=f"{label} (median of {len(pairs)})")
-        ax.set(xlabel="master step", ylabel=ylabel, yscale="log")
+        ax.set(xlabel="master step", ylabel=ylabel, yscale="linear" if ax is axes[0, 1] else "log")
         ax.legend(fontsize=8)
     axes[1, 0].yaxis.set_major_formatter(FuncFormatter(_percent))
     axes[1, 0].yaxis.set_minor_formatter(FuncFormatter(lambda v, _: _percent(v) if _leading_digit(v) in (2, 3, 5) else ""))
     ratio_ax = axes[0, 1]
     ratio_ax.axhline(1.0, color="gray", linewidth=0.8)
     ratio_ax.axvspan(0, WARMUP_STEPS, color="gray", alpha=0.12, label=f"warm-up (steps ≤ {WARMUP_STEPS}, not counted)")
-    ratio_ax.set(title="Gradient-estimator spread along the ISSGD runs")
+    ratio_ax.set(title="Gradient-estimator spread along the ISSGD runs", ylim=(0, 1.05))
     ratio_ax.legend(fontsize=8)
     ax = axes[1, 1]
     ceiling = 1.15  # where a loss ISSGD did not reach is drawn
