@@ -7,7 +7,7 @@
 * ``longtail``  a generated long-tailed mixture (no files): 30,000 examples in 64 dimensions (shaped
                 1x8x8) from 1,000 Gaussian sub-clusters with Zipf sizes, each labelled with one of 10
                 classes; the rarer a sub-cluster, the wider. Most examples lie in a few large, tight
-                sub-clusters and are fitted within an epoch; the rest are few, spread out and hard, so
+                sub-clusters and are fitted early; the rest are few, spread out and hard, so
                 per-example gradient norms stay heavy-tailed for the whole run. No label is flipped.
                 The examples are the same for every seed (the seed picks the split); see ``_longtail``.
 
