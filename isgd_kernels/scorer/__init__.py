@@ -176,7 +176,7 @@ class GradNormScorer:
             if any(name.startswith(prefix) for prefix in owned_below):
                 continue  # a rule above accounts for these parameters
             spec = RULES.get(type(module))
-            recurse = spec is not None and spec.owns_children
+            recurse = spec is not None and spec.owns(module)
             params = dict(module.named_parameters(recurse=recurse))
             trainable = {pname: p.requires_grad for pname, p in params.items()}
             if recurse:

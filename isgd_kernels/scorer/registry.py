@@ -85,8 +85,13 @@ GradsRule = Callable[[LayerCapture, "torch.Tensor | tuple"], dict]
 class RuleSpec:
     norm: Callable  # Rule
     batch_dims: BatchDims | None = None
-    owns_children: bool = False
+    owns_children: bool | Callable[[nn.Module], bool] = False
     grads: GradsRule | None = None
+
+    def owns(self, module: nn.Module) -> bool:
+        """The rule accounts for the parameters of `module`'s submodules (decided per module when
+        owns_children is a callable)."""
+        return bool(self.owns_children(module)) if callable(self.owns_children) else bool(self.owns_children)
 
 
 # Exact types only: a subclass may use its parameters differently in forward (LoRA, quantized, ...).
@@ -94,14 +99,17 @@ RULES: dict[type, RuleSpec] = {}
 
 
 def register_rule(module_type: type, rule: Rule, *, batch_dims: BatchDims | None = None,
-                  owns_children: bool = False, grads: GradsRule | None = None) -> None:
+                  owns_children: bool | Callable[[nn.Module], bool] = False,
+                  grads: GradsRule | None = None) -> None:
     """Teach the scorer a new module type. `rule(capture, grad_output, backend) -> (B,)` must return
     the exact per-example squared gradient norm of the module's trainable parameters from one call.
 
     batch_dims: for a module whose outputs are not batch-first, `batch_dims(module, outputs)` gives the
         batch dim of each tensor it returns (default: dim 0 of every one).
     owns_children: the rule accounts for the parameters of the module's submodules too (dotted names in
-        `capture.trainable`); they are then not scored on their own.
+        `capture.trainable`); they are then not scored on their own. A callable `owns_children(module)`
+        decides it per module (a layer that is scored through its children in one layout and as a whole in
+        another); a module whose rule does not own its children is scored through them.
     grads: `grads(capture, grad_output) -> {name: (B, *shape)}` per-example gradients, used when a
         parameter has several uses in one pass (default: the exact replay of the module)."""
     RULES[module_type] = RuleSpec(rule, batch_dims, owns_children, grads)
