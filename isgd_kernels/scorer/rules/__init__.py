@@ -8,5 +8,7 @@
 | norm.py      | LayerNorm, RMSNorm, GroupNorm, InstanceNorm, BatchNorm (eval), |
 |              | PReLU                                                          |
 | recurrent.py | nn.RNN, nn.LSTM, nn.GRU                                        |
+| attention.py | nn.MultiheadAttention; sequence-first nn.Transformer* layers   |
 """
-from isgd_kernels.scorer.rules import conv, embedding, linear, norm, recurrent  # noqa: F401  (each registers itself)
+from isgd_kernels.scorer.rules import (  # noqa: F401  (each registers itself)
+    attention, conv, embedding, linear, norm, recurrent)
