@@ -15,10 +15,9 @@ reads its weight), so the rule owns it.
 
 The batch-first Transformer layers are scored through their children (MultiheadAttention, Linear,
 LayerNorm). Sequence-first ones (batch_first=False) feed their Linear and LayerNorm children (T, B, E)
-activations, which those rules do not take (and which the scorer cannot tell from batch-first ones when
-T == B): such a layer, encoder, decoder or nn.Transformer owns its children instead, replays its forward
-once, takes each child's output gradient there and hands each child to its rule with the batch moved to
-dim 0 (exact for position-wise layers).
+activations, which those rules do not take: such a layer, encoder, decoder or nn.Transformer owns its
+children instead, replays its forward once, takes each child's output gradient there and hands each child
+to its rule with the batch moved to dim 0 (exact for position-wise layers).
 """
 from __future__ import annotations
 
