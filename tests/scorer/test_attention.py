@@ -458,6 +458,21 @@ def test_sequence_first_layer_called_twice_is_exact():
     assert_close_rel(got, loop_norms(model, weighted_loss, (x,), target), 1e-10)
 
 
+@pytest.mark.filterwarnings("ignore:.*so the layout probe cannot run")
+def test_sequence_first_transformer_with_dropout_in_training_mode_is_refused():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(8, 2, 10, dropout=0.1)
+
+        def forward(self, x):
+            return self.layer(x.transpose(0, 1)).transpose(0, 1)
+
+    x, target = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    with pytest.raises(ValueError, match="sequence-first TransformerEncoderLayer runs in training mode"):
+        GradNormScorer(Net(), eval_mode=False).norms(x, target, weighted_loss)
+
+
 def test_sequence_first_transformer_with_a_custom_trainable_part_is_refused():
     class Scale(nn.Module):
         def __init__(self):

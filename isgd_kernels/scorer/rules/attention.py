@@ -290,6 +290,12 @@ def transformer_batch_dims(module: nn.Module, outputs: list) -> list:
         raise ValueError(f"GradNormScorer: a {type(module).__name__} was called on unbatched inputs "
                          f"{tuple(outputs[0].shape)}; call it on (T, B, E) or, with batch_first=True, "
                          "(B, T, E) inputs.")
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+           for m in module.modules()):
+        raise ValueError(f"GradNormScorer: a sequence-first {type(module).__name__} runs in training mode "
+                         "with dropout; its random masks cannot be replayed to take per-example gradients. "
+                         "Score in eval mode (GradNormScorer(..., eval_mode=True), the default) or set "
+                         "dropout=0.")
     return [0 if _batch_first(module) else 1] * len(outputs)
 
 
