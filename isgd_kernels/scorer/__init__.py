@@ -254,7 +254,7 @@ class GradNormScorer:
                             "shapes alone, which a sequence-first (T, B, ...) activation with T == B would pass. "
                             "Score in eval mode, or check the model once with scorer.verify.", stacklevel=3)
                     uses = ParameterUses(model, captures, batch, against=probe, verdicts=verdicts,
-                                         tap=lambda use: _tap(anchor, use, total.add_use, use.output))
+                                         tap=lambda use, on: _tap(anchor, use, total.add_use, on))
                     state = _PassState(batch, anchor, total, probe, uses, call_verdicts)
                     total.checking = probe is not None
                     # Parameters scored op by op reach the graph only through their stand-ins; on a probed pass
@@ -417,8 +417,10 @@ class GradNormScorer:
                 leaves = {name: state.uses.stand_in(p) for name, p in params.items()}
                 with replaying_call(), torch.enable_grad():
                     output = functional_call(module, leaves, inputs, kwargs, strict=False)
-                state.uses.mark(tensor_outputs(output), [(id(params[n]), leaf) for n, leaf in leaves.items()])
+                own = [(id(params[n]), leaf) for n, leaf in leaves.items()]
+                state.uses.mark(tensor_outputs(output), own + state.uses.sources_of((inputs, kwargs)))
                 return output
+            carried = state.uses.sources_of((inputs, kwargs))
             cap.calls += 1
             # Activations are data for the norm kernels, not part of the graph to differentiate.
             call = dataclasses.replace(
@@ -427,6 +429,15 @@ class GradNormScorer:
             floating = [d for t, d in zip(outs, dims) if t.is_floating_point() or t.is_complex()]
             call.batch_dims, call.single_output = floating, isinstance(output, torch.Tensor)
             tapped = _tap(state.anchor, call, state.total.add_call, output)
+            if carried and isinstance(output, torch.Tensor):
+                # Parameters reach this call through its input (a followed activation): their per-example
+                # gradients are taken here, by a batched backward through the call.
+                tapped = state.uses.use_at(cap.label, output, tapped, carried)
+            elif carried:
+                raise UnsupportedModuleError(
+                    f"GradNormScorer: {cap.label} returns several tensors and takes an input computed from "
+                    f"parameters {state.uses.labels(carried)} without the batch in dim 0; such a call is not "
+                    "supported. Keep the batch in dim 0 of that input.")
             state.uses.mark(tensor_outputs(tapped))
             return tapped
 

@@ -179,6 +179,26 @@ class ParameterUses(TorchFunctionMode):
                 if sources:
                     self.derived[t] = tuple(sources)
 
+    def sources_of(self, tree) -> list:
+        """The (id(param), leaf) pairs the tensors in `tree` (a call's inputs) were computed from."""
+        pairs, known = [], set()
+        for t in tree_leaves(tree):
+            if isinstance(t, torch.Tensor):
+                for pair in self.derived.get(t, ()):
+                    if id(pair[1]) not in known:
+                        known.add(id(pair[1]))
+                        pairs.append(pair)
+        return pairs
+
+    def labels(self, pairs: list) -> str:
+        return ", ".join(sorted({f"'{self.label.get(pid, '?')}'" for pid, _ in pairs}))
+
+    def use_at(self, what: str, output: torch.Tensor, tapped: torch.Tensor, sources: list) -> torch.Tensor:
+        """A scored call's batch-first output that parameters reach through its input: a use of them there."""
+        for pid in {pid for pid, _ in sources}:
+            self.uses[pid] += 1
+        return self.tap(Use(f"the call of {what}", output, list(sources)), tapped)
+
     def stand_in(self, p: nn.Parameter) -> torch.Tensor:
         """A fresh leaf for one use of `p`: each use's graph reaches its own leaf only, so the batched backward
         that takes one use's per-example gradients runs through that use's ops and no others."""
@@ -263,7 +283,7 @@ class ParameterUses(TorchFunctionMode):
         for pid in {pid for pid, _ in sources}:
             self.uses[pid] += 1
         use = Use(f"{name} in {self.where()}", output, list(sources), factors)
-        tapped = self.tap(use)
+        tapped = self.tap(use, output)
         if self.follow:
             self.seen[tapped] = True
         return tapped

@@ -356,3 +356,43 @@ def test_every_pair_of_use_kinds_is_exact():
     tokens, y = torch.randint(0, 9, (5, 4)), torch.randint(0, 9, (5,))
     assert_close_rel(GradNormScorer(model).norms(tokens, y, xent), per_example_grad_norms_loop(model, xent, tokens, y),
                      1e-10)
+
+
+class _SeqFirstEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 12)
+        self.pos = nn.Parameter(torch.randn(6, 1, 12) * 0.3)
+        self.layer = nn.TransformerEncoderLayer(12, 3, 24, dropout=0.0)  # sequence-first
+        self.out = _TransposeLinear(12, 4)
+
+    def forward(self, x):  # x (B, T, 5)
+        h = self.inp(x).transpose(0, 1) + self.pos  # (T, B, 12)
+        return self.out(self.layer(h)).mean(1)
+
+
+class _TransposeLinear(nn.Module):
+    """A custom layer taking (T, B, d) and returning batch-first (B, T, out): scored by the fallback, with
+    parameters of earlier layers reaching it through its sequence-first input."""
+
+    def __init__(self, d, out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d, out) * 0.3)
+
+    def forward(self, h):
+        return h.transpose(0, 1) @ self.weight
+
+
+def test_sequence_first_layers_without_rules_are_followed_exactly(monkeypatch):
+    """With the Transformer and attention rules removed, the sequence-first layer's parts are followed through
+    LayerNorm and MultiheadAttention calls to the custom layer that puts the batch first again."""
+    from isgd_kernels.scorer.registry import RULES
+
+    for cls in [t for t in RULES if t.__name__.startswith("Transformer") or t is nn.MultiheadAttention]:
+        monkeypatch.delitem(RULES, cls)
+    torch.manual_seed(15)
+    model = _SeqFirstEncoder().double()
+    x, y = torch.randn(4, 6, 5, dtype=torch.float64), torch.randint(0, 4, (4,))
+    with pytest.warns(UserWarning, match="exact autograd fallback"):
+        scorer = GradNormScorer(model)
+    assert_close_rel(scorer.norms(x, y, xent), per_example_grad_norms_loop(model, xent, x, y), 1e-10)
