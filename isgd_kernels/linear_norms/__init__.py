@@ -55,7 +55,32 @@ def linear_grad_sq_norms_impl(x: torch.Tensor, grad_out: torch.Tensor, bias: boo
         return linear_grad_sq_norms_ref(x, grad_out, bias, method)
     if backend == "triton":
         return _linear_triton(resolved)(x, grad_out, bias)
+    if backend == "cpu" and resolved == "materialize" and T >= _CPU_GEMM_MIN_T:
+        return _materialize_by_gemm(x, grad_out, bias)
     return getattr(torch.ops.isgd_kernels, ops[0])(x, grad_out, bias)
+
+
+# From this many positions on, the CPU materialize path forms each example's gradient with the BLAS batched
+# GEMM (the weight-gradient GEMM of a training step, one example at a time) and squares it, instead of the
+# fused kernel: at T = 1024 the GEMM was 1.3-3x faster on the 2-core machine, at T <= 256 slower
+# (benchmarks/README.md, "CPU kernel tuning measurements").
+_CPU_GEMM_MIN_T = 512
+_GEMM_CHUNK_BYTES = 1 << 26  # per-example gradients held at once
+
+
+def _materialize_by_gemm(x: torch.Tensor, grad_out: torch.Tensor, bias: bool) -> torch.Tensor:
+    acc = accumulation_dtype(x.dtype)
+    a, g = x.to(acc), grad_out.to(acc)
+    B, _, d_in = a.shape
+    per_example = d_in * g.shape[2] * a.element_size()
+    chunk = max(1, min(B, _GEMM_CHUNK_BYTES // per_example))
+    out = a.new_empty(B)
+    for start in range(0, B, chunk):
+        stop = min(B, start + chunk)
+        out[start:stop] = torch.bmm(g[start:stop].transpose(1, 2), a[start:stop]).square().sum((1, 2))
+    if bias:
+        out += g.sum(1).square().sum(-1)
+    return out
 
 
 _linear_grad_sq_norms_op = torch.library.custom_op("isgd_kernels::linear_grad_sq_norms", mutates_args=())(

@@ -246,3 +246,17 @@ def test_cpu_materialize_blocks_layouts(dtype, p):
             got = torch.ops.isgd_kernels._linear_sq_norms_materialize(x, g, bias)
             assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
             assert_close_rel(got, reference_sq_norms(x, g, bias), RTOL[dtype], f"{dtype} p{p} {name} bias={bias}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_long_sequences_take_the_gemm_path(monkeypatch, dtype, bias):
+    """From _CPU_GEMM_MIN_T positions on, the CPU materialize path runs on BLAS GEMMs, in chunks of examples."""
+    import isgd_kernels.linear_norms as linear_norms
+
+    monkeypatch.setattr(linear_norms, "_GEMM_CHUNK_BYTES", 2 * 13 * 17 * 8)  # two examples per chunk
+    T = linear_norms._CPU_GEMM_MIN_T
+    x, g = rand(5, T, 13, dtype=dtype), rand(5, T, 17, dtype=dtype)
+    got = isgd_kernels.linear_grad_sq_norms(x, g, bias=bias, backend="auto", method="materialize")
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close_rel(got, reference_sq_norms(x, g, bias), RTOL[dtype], f"{dtype} bias={bias}")
