@@ -428,6 +428,8 @@ class GradNormScorer:
                 kwargs={k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
             floating = [d for t, d in zip(outs, dims) if t.is_floating_point() or t.is_complex()]
             call.batch_dims, call.single_output = floating, isinstance(output, torch.Tensor)
+            if type(module) not in RULES:  # the fallback checks its vmapped forward against them
+                call.outputs = [t.detach() for t in outs if t.is_floating_point() or t.is_complex()]
             tapped = _tap(state.anchor, call, state.total.add_call, output)
             if carried and isinstance(output, torch.Tensor):
                 # Parameters reach this call through its input (a followed activation): their per-example
@@ -570,7 +572,7 @@ class _NormTotal:
             self._add(call.name, spec.norm(call, grad_output, self.backend))
         else:
             self._add(call.name, autograd_fallback_rule(call, grad_output, self.backend, call.batch_dims))
-        call.inputs, call.kwargs = (), {}  # free the call's activations as soon as its norm is known
+        call.inputs, call.kwargs, call.outputs = (), {}, []  # free the call's activations once its norm is known
 
     def add_use(self, use: Use, grads: tuple) -> None:
         """An op-level use's output gradient arrived: one batched backward through the op (and the ops without

@@ -35,6 +35,7 @@ class LayerCapture:
     per_use: bool = False
     batch_dims: list = field(default_factory=list)  # of the call's floating outputs (None: no batch)
     single_output: bool = True  # the call returned one tensor (its rule gets one gradient, not a tuple)
+    outputs: list = field(default_factory=list)  # its floating outputs, kept for a call without a rule
 
     @property
     def label(self) -> str:

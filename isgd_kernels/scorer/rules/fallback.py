@@ -112,32 +112,90 @@ def _replayed(cap: LayerCapture, grad_output, batch_dims: list | None):
     return outputs, grads, leaves, batch_dims or [0] * len(grads)
 
 
+def _by_vmap(cap: LayerCapture, grads: list, dims: list, consume) -> bool:
+    """Per-example gradients by torch.func, a chunk of examples at a time: vmap over the examples of the vjp
+    of the module on one example (tensor inputs whose dim 0 is the batch are split, the others shared). As
+    cheap as one batched backward, where the cotangent-batched path costs one per chunk. Checked: the
+    vmapped forward must give the call's own outputs, else (an input that only looks batched, a module
+    that treats one example differently) False, and the caller takes the batched-backward path."""
+    if not cap.outputs or any(d != 0 for d in dims) or len(cap.outputs) != len(grads):
+        return False
+    batch = grads[0].shape[0]
+    params = {name: p.detach() for name, p in cap.trainable_parameters().items()}
+    args, kwargs = cap.inputs, cap.kwargs
+    split = lambda v: isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch  # noqa: E731
+    in_args = tuple(0 if split(a) else None for a in args)
+    in_kwargs = {k: 0 if split(v) else None for k, v in kwargs.items()}
+
+    def one(p, a, kw, cot):
+        def forward(q):
+            with replaying_call():
+                out = functional_call(cap.module, q, tuple(x.unsqueeze(0) if d == 0 else x for x, d in zip(a, in_args)),
+                                      {k: v.unsqueeze(0) if in_kwargs[k] == 0 else v for k, v in kw.items()},
+                                      strict=False)
+            return [t.squeeze(0) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+        out, pullback = torch.func.vjp(forward, p)
+        return pullback(list(cot))[0], out
+
+    per_example = sum(p.numel() for p in params.values()) + sum(g[0].numel() for g in grads)
+    chunk = max(1, min(batch, _CHUNK_ELEMENTS // max(per_example, 1)))
+    try:
+        for start in range(0, batch, chunk):
+            rows = torch.arange(start, min(batch, start + chunk), device=grads[0].device)
+            a = tuple(x[start:start + chunk] if d == 0 else x for x, d in zip(args, in_args))
+            kw = {k: v[start:start + chunk] if in_kwargs[k] == 0 else v for k, v in kwargs.items()}
+            with torch.enable_grad():
+                chunk_grads, outs = torch.func.vmap(one, in_dims=(None, in_args, in_kwargs, 0))(
+                    params, a, kw, [g[start:start + chunk] for g in grads])
+            for got, want in zip(outs, cap.outputs):
+                if not torch.allclose(got, want[start:start + chunk], rtol=1e-4, atol=1e-6):
+                    return False
+            consume(rows, [chunk_grads.get(name) for name in params])
+    except RuntimeError:  # an op without a batching rule: the batched-backward path needs none
+        return False
+    return True
+
+
+def _per_example(cap: LayerCapture, grad_output, batch_dims: list | None, consume) -> None:
+    grads = list(grad_output) if isinstance(grad_output, (tuple, list)) else [grad_output]
+    dims = batch_dims or [0] * len(grads)
+    results = []
+    if _by_vmap(cap, grads, dims, lambda rows, g: results.append((rows, g))):
+        for rows, g in results:
+            consume(rows, g)
+        return
+    outputs, grads, leaves, dims = _replayed(cap, grad_output, batch_dims)
+    batched_vjp(outputs, grads, dims, list(leaves.values()), consume)
+
+
 def per_example_grads(cap: LayerCapture, grad_output, batch_dims: list | None = None) -> dict[str, torch.Tensor]:
     """{parameter name: (B, *shape)} per-example gradients of the module's trainable parameters from
-    one call, by replay and batched backward passes."""
-    outputs, grads, leaves, dims = _replayed(cap, grad_output, batch_dims)
-    batch = grads[0].shape[dims[0]] if dims[0] is not None else 0
-    result = {name: leaf.new_zeros((batch,) + tuple(leaf.shape)) for name, leaf in leaves.items()}
+    one call (vmap over the examples, or replay and batched backward passes)."""
+    grads = list(grad_output) if isinstance(grad_output, (tuple, list)) else [grad_output]
+    batch = grads[0].shape[(batch_dims or [0])[0] or 0]
+    params = cap.trainable_parameters()
+    result = {name: p.new_zeros((batch,) + tuple(p.shape)) for name, p in params.items()}
 
     def consume(rows, chunk_grads):
-        for name, g in zip(leaves, chunk_grads):
+        for name, g in zip(params, chunk_grads):
             if g is not None:
-                result[name][rows] = g
+                result[name][rows] = g.to(result[name].dtype)
 
-    batched_vjp(outputs, grads, dims, list(leaves.values()), consume)
+    _per_example(cap, grad_output, batch_dims, consume)
     return result
 
 
 def autograd_fallback_rule(cap: LayerCapture, grad_output, backend: str,
                            batch_dims: list | None = None) -> torch.Tensor:
-    outputs, grads, leaves, dims = _replayed(cap, grad_output, batch_dims)
-    batch = grads[0].shape[dims[0] or 0]
+    grads = list(grad_output) if isinstance(grad_output, (tuple, list)) else [grad_output]
+    batch = grads[0].shape[(batch_dims or [0])[0] or 0]
     acc = accumulation_dtype(grads[0].dtype)
     total = torch.zeros(batch, dtype=acc, device=grads[0].device)
 
     def consume(rows, chunk_grads):
-        total[rows] = sum((g.flatten(1).to(acc).square().sum(1) for g in chunk_grads if g is not None),
+        total[rows] = sum((g.reshape(len(rows), -1).to(acc).square().sum(1) for g in chunk_grads if g is not None),
                           torch.zeros(len(rows), dtype=acc, device=rows.device))
 
-    batched_vjp(outputs, grads, dims, list(leaves.values()), consume)
+    _per_example(cap, grad_output, batch_dims, consume)
     return total
