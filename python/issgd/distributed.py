@@ -31,20 +31,19 @@ import logging
 import math
 import multiprocessing
 import os
+import pickle
 import signal
 import socket
 import struct
 import tempfile
 import time
-from dataclasses import asdict
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from issgd.config import TrainConfig
-from issgd.scoring import XENT, ChunkCursor, ScoreResult, shard_of
+from issgd.scoring import ChunkCursor, ScoreResult, shard_of
 
 log = logging.getLogger("issgd")
 
@@ -65,6 +64,11 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def is_scoring_rank() -> bool:
+    """Under torchrun, ranks 1.. score; rank 0 trains."""
+    return launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0
+
+
 def rank_device(device: str, rank: int) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
@@ -77,8 +81,8 @@ class StartupError(RuntimeError):
 
 
 MAIN_GUARD = ("the script that starts training has no `if __name__ == \"__main__\":` guard: spawned workers re-run "
-              "it when they start (multiprocessing's spawn start method); put the code that calls "
-              "Trainer(...).run() under that guard")
+              "it when they start (multiprocessing's spawn start method); put the code that starts training "
+              "(ImportanceSampler or issgd.fit with workers, Trainer(...).run()) under that guard")
 # Set by the master before it spawns workers: a spawned child that re-runs an unguarded script writes there.
 BOOTSTRAP_REPORT = "ISSGD_BOOTSTRAP_REPORT"
 
@@ -178,21 +182,24 @@ class ScoringPool:
 
     # ---------------------------------------------------------------- start-up
     @classmethod
-    def spawn(cls, config, workers: int, device: torch.device, **kwargs) -> ScoringPool:
+    def spawn(cls, job: bytes, workers: int, device: str, *, startup_timeout: float = 120.0, **kwargs) -> ScoringPool:
         """Start ``workers`` scoring processes on this machine and become rank 0; the store listens on
-        127.0.0.1 only."""
+        127.0.0.1 only. ``job`` is the pickled ``issgd.job.WorkerJob`` each worker builds; ``device`` the
+        device spec the workers' devices derive from (``rank_device``)."""
         refuse_in_bootstrap()
-        store, port = loopback_store(max(config.startup_timeout, 60.0))
+        store, port = loopback_store(max(startup_timeout, 60.0))
         fd, report = tempfile.mkstemp(prefix="issgd-bootstrap-")
         os.close(fd)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(workers + 1), RANK="0")
         os.environ[BOOTSTRAP_REPORT] = report
         try:
-            ctx = mp.start_processes(worker_entry, args=(asdict(config),), nprocs=workers, join=False,
+            # The job travels as bytes: torch's multiprocessing pickler would move the tensors of a model or
+            # data set into shared memory, in place, so that a worker's writes would reach the master's copy.
+            ctx = mp.start_processes(worker_entry, args=(str(device), job), nprocs=workers, join=False,
                                      start_method="spawn")
         finally:
             os.environ.pop(BOOTSTRAP_REPORT, None)
-        pool = cls(store, workers, processes=ctx.processes, startup_timeout=config.startup_timeout,
+        pool = cls(store, workers, processes=ctx.processes, startup_timeout=startup_timeout,
                    bootstrap_report=report, **kwargs)
         pool.port = port
         return pool
@@ -401,34 +408,31 @@ def _die_with_parent() -> None:
 
 
 # ---------------------------------------------------------------------- the worker process
-def worker_entry(local_index: int, config: dict) -> None:
+def worker_entry(local_index: int, device: str, job: bytes) -> None:
     """Entry point of a spawned worker (ranks 1..W)."""
     _die_with_parent()
     if os.getppid() == 1:  # the master died before the line above took effect
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the master decides
-    if config["device"].startswith("cpu"):
+    if device.startswith("cpu"):
         os.nice(WORKER_NICE)  # before the imports: they alone take seconds of CPU
     os.environ["RANK"] = str(local_index + 1)
-    run_worker(TrainConfig(**config))
+    run_worker(pickle.loads(job))
 
 
-def run_worker(config: TrainConfig) -> None:
-    """Score this rank's shard, chunk by chunk, with the freshest parameters, until told to stop; start no
-    chunk while the master has paused the workers."""
-    from issgd.job import build_job  # imported here: a spawned worker lowers its priority first
-
+def run_worker(job) -> None:
+    """Score this rank's shard of ``job`` (an ``issgd.job.WorkerJob``), chunk by chunk, with the freshest
+    parameters, until told to stop; start no chunk while the master has paused the workers."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = rank_device(config.device, rank)
+    device = rank_device(job.device, rank)
     if device.type == "cpu":
-        torch.set_num_threads(config.worker_threads)
+        torch.set_num_threads(job.worker_threads)
         os.nice(max(0, WORKER_NICE - os.nice(0)))  # torchrun-launched workers were not niced yet
-    store = connect(rank, world_size, max(config.startup_timeout, 60.0))
+    store = connect(rank, world_size, max(job.startup_timeout, 60.0))
     try:
-        job = build_job(config, device)
-        data, model, scorer = job.data, job.model, job.scorer
-        cursor = ChunkCursor(shard_of(rank, world_size - 1, len(data.x_train)), config.chunk_size)
-        delay = dict(config.slow_workers).get(rank, 0.0)
+        data, model, signal_fn = job.build(device)
+        cursor = ChunkCursor(shard_of(rank, world_size - 1, len(data)), job.chunk_size)
+        delay = dict(job.slow_workers).get(rank, 0.0)
         store.set(f"{KEY_READY}{rank}", "1")
         version, scored = None, 0
         while not store.check([KEY_STOP]):
@@ -442,8 +446,7 @@ def run_worker(config: TrainConfig) -> None:
                 continue
             index = cursor.next()
             t0 = time.perf_counter()
-            dev_index = index.to(device)
-            norms = scorer.norms(data.x_train[dev_index], data.y_train[dev_index], XENT)
+            norms = signal_fn(*data.fetch(index), job.loss_fn)
             if delay:
                 time.sleep(delay)
             store.queue_push(QUEUE, ScoreResult(rank, version, index, norms, time.perf_counter() - t0).to_bytes())
