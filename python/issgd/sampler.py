@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -26,6 +27,7 @@ from issgd.job import WorkerJob
 from issgd.scoring import ChunkCursor, ScoreBoard
 from issgd.signals import SIGNALS, make_signal
 from issgd.sources import Built, IndexedData, ensure_picklable, forward, resolve_datasets, resolve_model
+from issgd.threads import usable_cores
 
 __all__ = ["Batch", "ImportanceSampler", "train_step", "weighted_mean"]
 
@@ -121,7 +123,7 @@ class ImportanceSampler:
         self.n = len(self.data)
         self.loss_fn, self.batch_size, self.score, self.uniform = loss_fn, batch_size, score, uniform
         self.refresh_every, self.backend, self.workers = refresh_every, backend, workers
-        self.startup_timeout, self.worker_timeout = startup_timeout, worker_timeout
+        self.startup_timeout, self.worker_timeout, self.worker_threads = startup_timeout, worker_timeout, worker_threads
         job = WorkerJob(model=model, dataset=dataset, loss_fn=loss_fn, score=score,
                         device=str(device if device is not None else self.device), backend=backend,
                         chunk_size=chunk_size, worker_threads=worker_threads, startup_timeout=startup_timeout,
@@ -184,6 +186,8 @@ class ImportanceSampler:
             raise RuntimeError(f"the scoring workers did not start: {self._start_error}")
         if self.pool is not None or not self.workers:
             return
+        if not self.distributed and self.device.type == "cpu":
+            _warn_if_oversubscribed(self.workers * self.worker_threads)
         kw = {"worker_timeout": self.worker_timeout, "examples": self.n, "startup_timeout": self.startup_timeout}
         self.pool = (ScoringPool.from_torchrun(self.device, **kw) if self.distributed
                      else ScoringPool.spawn(self._job, self.workers, self._device_spec, **kw))
@@ -264,6 +268,16 @@ def _pickled(job: WorkerJob) -> bytes:
     for name in ("model", "dataset", "loss_fn", "collate_fn"):
         ensure_picklable(getattr(job, name), name)
     return pickle.dumps(job)
+
+
+def _warn_if_oversubscribed(worker_threads: int) -> None:
+    """More busy threads than cores slows every process down (OpenMP threads wait on each other), many times
+    over on a loaded machine."""
+    threads, cores = torch.get_num_threads(), usable_cores()
+    if threads > 1 and threads + worker_threads > cores:
+        warnings.warn(f"issgd: this process's {threads} CPU threads and the scoring workers' {worker_threads} exceed "
+                      f"the {cores} usable cores; torch.set_num_threads({max(1, cores - worker_threads)}) before "
+                      "training leaves the workers theirs", RuntimeWarning, stacklevel=4)
 
 
 def _device_of(model: nn.Module) -> torch.device:

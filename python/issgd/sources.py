@@ -209,8 +209,10 @@ class IndexedData:
         if self.tensors is not None:
             index = index.to(self.device)
             return self.tensors[0][index], self.tensors[1][index]
-        inputs, targets = self.collate_fn([self.dataset[i] for i in index.tolist()])
-        return to_device(inputs, self.device), to_device(targets, self.device)
+        batch = self.collate_fn([self.dataset[i] for i in index.tolist()])
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise SpecError("collate_fn", f"must return an (inputs, targets) pair, got {_describe(batch)}")
+        return to_device(batch[0], self.device), to_device(batch[1], self.device)
 
 
 def _name(obj) -> str:
