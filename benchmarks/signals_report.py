@@ -54,7 +54,8 @@ def run(device="cpu", quick: bool = False) -> list[dict]:
             mine = [r for r in runs if r["dataset"] == dataset and r["score"] == score]
             ratios, reached, losses, errors = [], [], [], []
             for r in mine:
-                uniform = next(u for u in runs if u["dataset"] == dataset and u["seed"] == r["seed"] and u["score"] is None)
+                uniform = next(u for u in runs
+                               if u["dataset"] == dataset and u["seed"] == r["seed"] and u["score"] is None)
                 ratios.append(r["summary"]["mean_ratio_actual_to_uniform"])
                 reached.append(steps_to_reach(r["records"], uniform["records"][-1]["train_loss"]))
                 losses.append((r["records"][-1]["train_loss"], uniform["records"][-1]["train_loss"]))
@@ -62,7 +63,8 @@ def run(device="cpu", quick: bool = False) -> list[dict]:
             hit = [s for s in reached if s is not None]
             rows.append({
                 "dataset": dataset, "score": score, "seeds": len(mine), "steps": steps,
-                "ratio_actual_to_uniform": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                "ratio_actual_to_uniform": statistics.median(ratios),
+                "ratio_min": min(ratios), "ratio_max": max(ratios),
                 "steps_to_uniform_final_loss": statistics.median(hit) if len(hit) == len(reached) else None,
                 "reached_uniform_final_loss": f"{len(hit)}/{len(reached)}",
                 "steps_to_uniform_final_loss_each": " ".join(str(s) if s is not None else "-" for s in reached),
@@ -106,7 +108,8 @@ def report(rows: list[dict], device, out_dir: Path) -> Path:
                "uniform_final_train_loss", "final_valid_error", "uniform_final_valid_error",
                "scoring_examples_per_worker_second"]
     r0 = rows[0]
-    notes = [(f"Per data set: uniform SGD, then ISSGD with each signal, {r0['steps']} steps each, for {r0['seeds']} seed(s) "
+    notes = [(f"Per data set: uniform SGD, then ISSGD with each signal, {r0['steps']} steps each, for "
+              f"{r0['seeds']} seed(s) "
               "(same initial parameters and draws per seed); MLP 256x2, batch 128, K = 32, c = 0.1, Nesterov SGD lr "
               "0.01 momentum 0.95, inline scoring (chunks of 2048), 1 master thread."),
              ("ratio_actual_to_uniform: median over seeds of the run's mean sqrt Tr S actual / uniform (ratio_min, "

@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 # Loaded on first use: a spawned scoring worker imports this package, and should not pay for what it does
 # not use before it has lowered its priority.
 _EXPORTS = {"ImportanceSampler": "issgd.sampler", "Batch": "issgd.sampler", "train_step": "issgd.sampler",
-            "fit": "issgd.fitting", "FitResult": "issgd.fitting", "SIGNALS": "issgd.signals", "SpecError": "issgd.sources"}
+            "fit": "issgd.fitting", "FitResult": "issgd.fitting", "SIGNALS": "issgd.signals",
+            "SpecError": "issgd.sources"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -61,13 +61,15 @@ def _add_train(sub) -> argparse.ArgumentParser:
     g.add_argument("--refresh-every", type=int, default=32,
                    help="K: master steps between weight refreshes and parameter pushes")
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", type=_builtin_or_import_string(DATASETS), default="digits", metavar="NAME|MODULE:FACTORY",
+    g.add_argument("--dataset", type=_builtin_or_import_string(DATASETS), default="digits",
+                   metavar="NAME|MODULE:FACTORY",
                    help=f"one of {', '.join(DATASETS)} (digits is bundled with scikit-learn; mnist and svhn read the "
                         "official files from --data-dir), or an import string package.module:factory naming a "
                         "zero-argument factory that returns a map-style Dataset of (input, target) items or a "
                         "(train, valid) pair of them")
     g.add_argument("--data-dir", help="folder with the official mnist / svhn files")
-    g.add_argument("--model", type=_builtin_or_import_string(MODELS), default="mlp", metavar="NAME|MODULE:FACTORY",
+    g.add_argument("--model", type=_builtin_or_import_string(MODELS), default="mlp",
+                   metavar="NAME|MODULE:FACTORY",
                    help=f"one of {', '.join(MODELS)} (a flattened MLP or a 3-layer CNN on a built-in data set's "
                         "images), or an import string package.module:factory naming an nn.Module or a "
                         "zero-argument factory returning one; trained with per-example cross-entropy over the "

@@ -72,7 +72,8 @@ def _optimizer(optimizer, model: nn.Module) -> torch.optim.Optimizer:
                             f"{type(optimizer).__name__}")
         optimizer = optimizer(model.parameters())
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"the optimizer factory returned {type(optimizer).__name__}, expected a torch.optim.Optimizer")
+            raise TypeError(f"the optimizer factory returned {type(optimizer).__name__}, expected a "
+                            "torch.optim.Optimizer")
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if not any(id(p) in held for p in model.parameters()):
         raise ValueError("optimizer holds none of the model's parameters: build it on model.parameters(), or pass a "

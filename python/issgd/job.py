@@ -93,8 +93,8 @@ def build_job(config: TrainConfig) -> Job:
     imported_model = is_import_string(config.model)
     if is_import_string(config.dataset):
         if not imported_model:
-            raise SpecError("model", f"the built-in model {config.model!r} takes a built-in --dataset; with an imported "
-                                     "--dataset give --model package.module:factory too")
+            raise SpecError("model", f"the built-in model {config.model!r} takes a built-in --dataset; with an "
+                                     "imported --dataset give --model package.module:factory too")
         data = None
         dataset = Built(resolve_datasets(config.dataset, "dataset"), config.dataset)
     else:

@@ -136,6 +136,8 @@ class ImportanceSampler:
         if self.signal is not None:  # refuse a signal that cannot score this model and loss now, not in a worker
             self.signal(*self.data.fetch(torch.arange(min(2, self.n))), loss_fn)
         self._job = _pickled(job) if workers and not self.distributed else None
+        if self._job is not None and self.device.type == "cpu":
+            _warn_if_oversubscribed(workers * worker_threads)
         self._device_spec = job.device  # "cuda" spreads spawned workers over the GPUs (rank_device)
         self.board = ScoreBoard(self.n, smoothing)
         self.cursor = ChunkCursor(torch.arange(self.n), chunk_size)  # inline scoring
@@ -186,8 +188,6 @@ class ImportanceSampler:
             raise RuntimeError(f"the scoring workers did not start: {self._start_error}")
         if self.pool is not None or not self.workers:
             return
-        if not self.distributed and self.device.type == "cpu":
-            _warn_if_oversubscribed(self.workers * self.worker_threads)
         kw = {"worker_timeout": self.worker_timeout, "examples": self.n, "startup_timeout": self.startup_timeout}
         self.pool = (ScoringPool.from_torchrun(self.device, **kw) if self.distributed
                      else ScoringPool.spawn(self._job, self.workers, self._device_spec, **kw))
@@ -277,7 +277,7 @@ def _warn_if_oversubscribed(worker_threads: int) -> None:
     if threads > 1 and threads + worker_threads > cores:
         warnings.warn(f"issgd: this process's {threads} CPU threads and the scoring workers' {worker_threads} exceed "
                       f"the {cores} usable cores; torch.set_num_threads({max(1, cores - worker_threads)}) before "
-                      "training leaves the workers theirs", RuntimeWarning, stacklevel=4)
+                      "training leaves the workers theirs", RuntimeWarning, stacklevel=3)
 
 
 def _device_of(model: nn.Module) -> torch.device:

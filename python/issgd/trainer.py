@@ -9,7 +9,6 @@ same in every other respect.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -190,8 +189,9 @@ class Trainer:
                                         loss_fn=self.loss_fn))
         with evaluating(self.model):
             rec["train_loss"], rec["train_error"] = loss_and_error(self.model, x, y, loss_fn=self.loss_fn)
-        rec["valid_loss"], rec["valid_error"] = (evaluate(self.model, self.valid, self.loss_fn) if self.valid is not None
-                                                 else (float("nan"), float("nan")))
+        no_valid = (float("nan"), float("nan"))
+        rec["valid_loss"], rec["valid_error"] = (evaluate(self.model, self.valid, self.loss_fn)
+                                                 if self.valid is not None else no_valid)
         rec["batch_loss"] = float(torch.stack(self._losses).mean()) if self._losses else float("nan")
         self._losses.clear()
         if cfg.mode == "issgd":
@@ -261,6 +261,9 @@ class Trainer:
             state = torch.load(path, map_location=self.device, weights_only=True)
             if not isinstance(state, dict):
                 raise TypeError(f"holds a {type(state).__name__}")
+            if "sampler" not in state and {"board", "cursor"} <= set(state):  # written before the sampler held these
+                state["sampler"] = {"board": state["board"], "cursor": state["cursor"], "step": state.get("step"),
+                                    "generator": state.get("rng", {}).get("sampler")}
             missing = {"config", "step", "seconds", "model", "optimizer", "sampler", "rng", "losses",
                        "records"} - set(state)
             if missing:
@@ -270,8 +273,9 @@ class Trainer:
                                   f"{fallback}") from None
         saved = state["config"]
         for key in ("mode", "dataset", "model", "hidden", "batch_size", "smoothing", "refresh_every", "seed", "score"):
-            if _as_plain(saved.get(key)) != _as_plain(getattr(self.config, key)):
-                raise ValueError(f"--resume: checkpoint {path} was written with {key}={saved[key]!r}, "
+            was = saved.get(key, "grad_norm" if key == "score" else None)  # checkpoints before --score: grad_norm
+            if _as_plain(was) != _as_plain(getattr(self.config, key)):
+                raise ValueError(f"--resume: checkpoint {path} was written with {key}={was!r}, "
                                  f"this run has {key}={getattr(self.config, key)!r}")
         try:
             self.model.load_state_dict(state["model"])
