@@ -179,6 +179,7 @@ class ScoringPool:
         self._waiting_since: dict[int, float | None] = {r: None for r in range(1, workers + 1)}
         self._warned: set[tuple[str, int]] = set()
         self._closed = False
+        self.error_files: list[str] = []
 
     # ---------------------------------------------------------------- start-up
     @classmethod
@@ -202,6 +203,7 @@ class ScoringPool:
         pool = cls(store, workers, processes=ctx.processes, startup_timeout=startup_timeout,
                    bootstrap_report=report, **kwargs)
         pool.port = port
+        pool.error_files = ctx.error_files  # where a worker's exception goes (torch's spawn wrapper writes it)
         return pool
 
     @classmethod
@@ -240,9 +242,20 @@ class ScoringPool:
                 if f.read().strip() == "main-guard":
                     reason = f": {MAIN_GUARD}"
         if not reason and exitcode is not None and exitcode > 0:
-            reason = " (its traceback is above, on stderr)"
+            error = self.worker_error(rank)
+            reason = f": {error}" if error else " (its traceback is above, on stderr)"
         self._cleanup_report()
         return f"scoring worker {rank} exited during start-up ({how}){reason}"
+
+    def worker_error(self, rank: int) -> str | None:
+        """The last line of the exception a spawned worker exited with (None if it left none)."""
+        try:
+            with open(self.error_files[rank - 1], "rb") as f:
+                trace = pickle.load(f)  # a string, written by torch.multiprocessing's wrapper in our child
+        except (AttributeError, IndexError, TypeError, OSError, EOFError, pickle.UnpicklingError):
+            return None
+        lines = [line for line in str(trace).splitlines() if line.strip()]
+        return lines[-1].strip() if lines else None
 
     def _cleanup_report(self) -> None:
         if self.bootstrap_report:
@@ -343,8 +356,9 @@ class ScoringPool:
             rank = i + 1
             if not proc.is_alive() and ("dead", rank) not in self._warned:
                 self._warned.add(("dead", rank))
-                log.warning("scoring worker %d exited (exit code %s); training goes on, the weights of its "
-                            "shard keep their last values and age", rank, proc.exitcode)
+                error = self.worker_error(rank) if proc.exitcode and proc.exitcode > 0 else None
+                log.warning("scoring worker %d exited (exit code %s%s); training goes on, the weights of its "
+                            "shard keep their last values and age", rank, proc.exitcode, f": {error}" if error else "")
         for rank, since in self._waiting_since.items():
             if (since is not None and now - since > self.worker_timeout and ("dead", rank) not in self._warned
                     and ("silent", rank) not in self._warned):
@@ -383,6 +397,9 @@ class ScoringPool:
                 log.warning("scoring worker (pid %d) did not stop; killing it", proc.pid)
                 proc.kill()
                 proc.join(5.0)
+        for path in self.error_files:  # written only by a worker that raised
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -417,7 +434,13 @@ def worker_entry(local_index: int, device: str, job: bytes) -> None:
     if device.startswith("cpu"):
         os.nice(WORKER_NICE)  # before the imports: they alone take seconds of CPU
     os.environ["RANK"] = str(local_index + 1)
-    run_worker(pickle.loads(job))
+    try:
+        job = pickle.loads(job)
+    except (AttributeError, ImportError) as exc:
+        raise RuntimeError(f"scoring worker {local_index + 1} cannot rebuild the model, data or loss it was sent ({exc}): "
+                           "classes and functions defined in an interactive session or a notebook do not reach spawned "
+                           "processes; define them in a module (a .py file) and import them from there") from exc
+    run_worker(job)
 
 
 def run_worker(job) -> None:

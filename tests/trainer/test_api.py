@@ -2,6 +2,7 @@
 weights; import strings on the command line; the spawn guard."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -130,6 +131,27 @@ def test_sampler_refuses_bad_arguments_naming_them(kwargs, error, message):
     with pytest.raises(error) as info:
         ImportanceSampler(args.pop("model"), args.pop("dataset"), args.pop("loss_fn"), **args)
     assert message in str(info.value)
+
+
+class UnreadableInWorkers(Spirals):
+    """Data whose copy cannot be rebuilt in a worker (say, files the workers cannot read)."""
+
+    def __setstate__(self, state):
+        raise OSError("cannot read /data/spirals from this process")
+
+
+def test_a_worker_that_fails_to_start_is_reported_with_its_error(one_thread):
+    from issgd.distributed import StartupError
+
+    sampler = ImportanceSampler(Net(), UnreadableInWorkers(64), LOSS, batch_size=8, workers=2, startup_timeout=60.0)
+    started = time.monotonic()
+    with sampler, pytest.raises(StartupError) as info:
+        sampler.start()
+    assert time.monotonic() - started < 45
+    assert re.search(r"scoring worker \d exited during start-up \(exit code 1\): OSError: cannot read /data/spirals "
+                     "from this process", str(info.value)), str(info.value)
+    with pytest.raises(RuntimeError, match="the scoring workers did not start"):
+        sampler.next_batch()
 
 
 # ------------------------------------------------------------------------------ unbiasedness
