@@ -143,5 +143,4 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax1.axhline(1.0, color="gray", lw=1, ls="--")
         ax1.set_ylabel("mean √TrΣ actual / uniform (lower is better)")
         ax2.set_ylabel("scoring examples/s per worker (1 thread)")
-        ax2.set_yscale("log")
         fig.suptitle("Scoring signals")
