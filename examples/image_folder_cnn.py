@@ -131,7 +131,7 @@ def main(argv=None) -> None:
         error = float((model(x).argmax(1) != y).float().mean())
     last = result.losses[-20:]
     print(f"trained {result.steps} steps in {result.seconds:.1f} s: training loss {sum(last) / len(last):.3f} "
-          f"(last {len(last)} batches), validation error {error:.3f}"
+          f"(the last {len(last)} batches' unbiased estimates), validation error {error:.3f}"
           + (f"; workers scored {result.scoring['scored_examples']} images" if result.scoring else ""))
 
 

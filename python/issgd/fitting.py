@@ -18,7 +18,7 @@ from issgd.sources import IndexedData
 @dataclass
 class FitResult:
     model: nn.Module  # the trained model (the one given, or the one its factory built)
-    losses: list[float]  # per step: the plain mean of the batch's per-example losses
+    losses: list[float]  # per step: the batch's unbiased estimate of the training loss, mean of l_i / (N q_i)
     steps: int
     seconds: float
     valid_loss: float | None = None  # with a (train, valid) dataset factory
@@ -50,7 +50,7 @@ def fit(model, dataset, loss_fn: Callable, optimizer, *, steps: int, batch_size:
         with bar:
             for step, batch in enumerate(sampler.batches(steps)):
                 batch_losses = train_step(model, loss_fn, optimizer, batch)
-                losses.append(float(batch_losses.mean()))
+                losses.append(float(batch.weighted_mean(batch_losses)))
                 if callback is not None:
                     callback(step, batch, batch_losses)
                 bar.update(1)
