@@ -1,6 +1,6 @@
 """Run the benchmark groups and write their tables (CSV, JSON, Markdown, PNG).
 
-    python -m benchmarks [--device cpu|cuda] [--quick] [--only field,conv,scorer,linear,sampler,trainer,signals]
+    python -m benchmarks [--device cpu|cuda] [--quick] [--only field,models,conv,scorer,linear,sampler,trainer,signals]
                          [--out DIR | --publish]
 
 Results go to runs/benchmarks/<device>/ (gitignored scratch) by default, or to --out DIR. Only
@@ -10,14 +10,20 @@ with --quick).
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import torch
 
 from benchmarks import field, harness, norms, sampler_report, signals_report, trainer_report
+from benchmarks.workloads import model_workloads
 
 GROUPS = {
     "field": (field.run, field.report),
+    "models": (functools.partial(field.run, workloads=model_workloads),
+               functools.partial(field.report, name="models",
+                                 title="Per-example gradient norms on the models people train: isgd_kernels vs "
+                                       "naive autograd, Opacus and BackPACK")),
     "conv": (norms.run_conv, norms.report_conv),
     "scorer": (norms.run_scorer, norms.report_scorer),
     "linear": (norms.run_linear, norms.report_linear),

@@ -1,6 +1,7 @@
 """Per-example gradient norms against the field: every provider on every workload, side by side.
 
     python -m benchmarks --only field [--device cuda] [--quick]
+    python -m benchmarks --only models   (the same comparison on the models people train)
 
 Per workload (benchmarks/workloads.py), in one process: a plain training step of the same model and
 batch (forward, backward, Nesterov SGD step), and each provider (benchmarks/providers.py). A provider
@@ -40,7 +41,7 @@ COLUMNS = ["workload", "shape", "batch", "provider", "status", "rank", "median_m
            "ratio_to_step", "examples_timed", "peak_extra_mb", "max_rel_err", "version", "cpu_load", "note"]
 
 
-def run(device: torch.device, quick: bool = False) -> list[dict]:
+def run(device: torch.device, quick: bool = False, workloads=field_workloads) -> list[dict]:
     provs, _ = providers(device)
     rows = []
     with warnings.catch_warnings():
@@ -48,7 +49,7 @@ def run(device: torch.device, quick: bool = False) -> list[dict]:
         # gradient; functorch's slow fallback for CPU attention under vmap (it is timed as it is).
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         warnings.filterwarnings("ignore", message="There is a performance drop")
-        for workload in field_workloads(device, quick):
+        for workload in workloads(device, quick):
             rows += _run_workload(workload, provs, device, quick)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -143,7 +144,8 @@ def examples_timed(p: Provider, model, batch: int, device: torch.device, quick: 
 
 
 # ------------------------------------------------------------------------------------------ report
-def report(rows: list[dict], device: torch.device, out_dir):
+def report(rows: list[dict], device: torch.device, out_dir, name: str = "field",
+           title: str = "Per-example gradient norms: isgd_kernels vs naive autograd, Opacus and BackPACK"):
     _, skipped_notes = providers(device)
     notes = [
         "ratio_to_step: median time / median time of a plain training step (forward, backward, Nesterov SGD "
@@ -165,9 +167,9 @@ def report(rows: list[dict], device: torch.device, out_dir):
         "loss, so their norms are of the per-example gradients, not of gradient/B.",
         *skipped_notes,
     ]
-    out = write_results(rows, "field", out_dir, device, columns=COLUMNS, notes=notes, summary=_summary(rows),
-                        title="Per-example gradient norms: isgd_kernels vs naive autograd, Opacus and BackPACK")
-    _plot(rows, out / "field.png", device)
+    out = write_results(rows, name, out_dir, device, columns=COLUMNS, notes=notes, summary=_summary(rows),
+                        title=title)
+    _plot(rows, out / f"{name}.png", device)
     return out
 
 

@@ -82,6 +82,98 @@ class TransformerBlock(nn.Module):
         return self.head(h.mean(1))
 
 
+class _Conv1D(nn.Module):
+    """GPT-2's Conv1D (Hugging Face transformers): a Linear with the weight transposed, a third-party layer
+    the scorer has no rule for (it goes through the exact fallback)."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
+
+
+class _GPTBlock(nn.Module):
+    """A GPT-2 block (pre-LayerNorm, causal self-attention with a fused qkv projection, 4x MLP)."""
+
+    def __init__(self, d: int, heads: int, linear=nn.Linear):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        if linear is nn.Linear:
+            self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
+        else:
+            self.c_attn, self.c_proj = linear(3 * d, d), linear(d, d)
+            self.mlp = nn.Sequential(linear(4 * d, d), nn.GELU(approximate="tanh"), linear(d, 4 * d))
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(a.transpose(1, 2).reshape(B, T, d))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Stack(nn.Module):
+    """GPT-2-small-shaped: token embedding, learned positions (a bare parameter, as in nanoGPT's wpe table
+    sliced to T), `layers` of GPT-2 small's 12 blocks (d 768, 12 heads), final LayerNorm, a classifier on
+    the mean token (the benchmarks' loss is per-example cross-entropy over classes)."""
+
+    def __init__(self, vocab: int = 50257, d: int = 768, heads: int = 12, layers: int = 2, max_T: int = 1024,
+                 classes: int = CLASSES, linear=nn.Linear):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Parameter(torch.randn(max_T, d) * 0.01)
+        self.h = nn.ModuleList(_GPTBlock(d, heads, linear) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe[:idx.shape[1]]
+        for block in self.h:
+            x = block(x)
+        return self.head(self.ln_f(x).mean(1))
+
+
+class ViT(nn.Module):
+    """ViT-tiny-shaped: 16x16 patches of 224x224 images by a Conv2d, class token and positions as bare
+    parameters, `depth` of ViT-Ti's 12 nn.TransformerEncoder layers (d 192, 3 heads, MLP 768, pre-norm,
+    GELU), a head on the class token."""
+
+    def __init__(self, depth: int = 4, d: int = 192, heads: int = 3, image: int = 224, patch: int = 16,
+                 classes: int = CLASSES):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, patch, stride=patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, classes)
+
+    def forward(self, img):
+        x = self.patch(img).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        return self.head(self.norm(self.encoder(x))[:, 0])
+
+
+class LSTMClassifier(nn.Module):
+    """Token embedding, a 2-layer LSTM (batch_first), a classifier on the last hidden state."""
+
+    def __init__(self, vocab: int = 10000, d: int = 256, hidden: int = 512, layers: int = 2, classes: int = CLASSES):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.lstm = nn.LSTM(d, hidden, layers, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, tokens):
+        _, (h_n, _) = self.lstm(self.embed(tokens))
+        return self.head(h_n[-1])
+
+
 # ------------------------------------------------------------------------------------ workloads
 @dataclass(frozen=True)
 class Workload:
@@ -124,6 +216,28 @@ def field_workloads(device: torch.device, quick: bool) -> list[Workload]:
                             f"T={T} tokens"))
     out += [Workload("grouped/depthwise CNN", grouped_cnn, b, _images, "3x32x32")
             for b in ((64,) if quick and not gpu else (64, 256))]
+    return out
+
+
+def model_workloads(device: torch.device, quick: bool) -> list[Workload]:
+    """The models people train, at real widths (depth cut on CPU, where every provider of the `field`
+    group is run on them): GPT-2-small-shaped blocks at a short and a long T, a ViT-tiny-shaped model,
+    an LSTM, and GPT-2 blocks made of its third-party Conv1D layer (the scorer's exact fallback)."""
+    gpu = device.type == "cuda"
+    layers, depth = (12, 12) if gpu else (2, 4)
+    out = []
+    for T, batch in ((128, 32 if gpu else 8), (1024, 8 if gpu else 2)):
+        if quick and T == 1024:
+            continue
+        out.append(Workload(f"GPT-2-small-shaped, {layers} blocks, T{T}", lambda layers=layers: GPT2Stack(layers=layers),
+                            batch, lambda b, T=T: torch.randint(0, 50257, (b, T)), f"T={T} tokens"))
+    out.append(Workload(f"ViT-tiny-shaped, {depth} layers", lambda: ViT(depth=depth), 64 if gpu else 8,
+                        lambda b: torch.randn(b, 3, 224, 224), "3x224x224"))
+    out.append(Workload("LSTM 2x512 T64", LSTMClassifier, 128 if gpu else 32,
+                        lambda b: torch.randint(0, 10000, (b, 64)), "T=64 tokens"))
+    out.append(Workload("GPT-2 Conv1D blocks (fallback), T128", lambda: GPT2Stack(vocab=8192, d=256, heads=4,
+                                                                                layers=2, linear=_Conv1D),
+                        16, lambda b: torch.randint(0, 8192, (b, 128)), "T=128 tokens"))
     return out
 
 

@@ -15,18 +15,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import warnings
 from dataclasses import dataclass
 from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
+from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from isgd_kernels._checks import accumulation_dtype
 from isgd_kernels.scorer import rules  # noqa: F401  (registers the built-in rules)
-from isgd_kernels.scorer.rules.fallback import autograd_fallback_rule, replaying, warn_once
+from isgd_kernels.scorer.rules.fallback import (autograd_fallback_rule, batched_vjp, in_batched_vjp, per_example_grads,
+                                                replaying, replaying_call, warn_once)
+from isgd_kernels.scorer.parts import LinearPart, sq_norm_of_sum
 from isgd_kernels.scorer.registry import (RULES, LayerCapture, Rule, UnsupportedModuleError, register_rule,
                                           supported_names)
+from isgd_kernels.scorer.uses import (DERIVED, ParameterUses, Probe, Reprobe, Use, judge_call, record_call,
+                                     tensor_outputs)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -49,8 +56,47 @@ def evaluating(model: nn.Module, enabled: bool = True):
             m.training = training
 
 
+class _CallDirectly:
+    """Stands in for torch.utils.checkpoint's reentrant CheckpointFunction during a scoring pass."""
+
+    @staticmethod
+    def apply(function, preserve_rng_state, *args):
+        if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            # As torch's reentrant checkpoint: with no input that requires grad, nothing inside gets a gradient.
+            with torch.no_grad():
+                return function(*args)
+        return function(*args)
+
+
+def _no_recomputation(function, preserve_rng_state, context_fn, *args, **kwargs):
+    """Stands in for the non-reentrant checkpoint's set-up during a scoring pass: nothing to set up."""
+    yield
+
+
+@contextlib.contextmanager
+def _checkpoints_run_plainly():
+    """torch.utils.checkpoint regions run as plain calls during a scoring pass: the values and gradients are
+    the same, and the pass's own substitutions (parameter stand-ins, taps) would not be redone by a
+    recomputation in backward. The cost is memory: the regions' activations are kept, as without
+    checkpointing."""
+    module = torch.utils.checkpoint
+    names = {"CheckpointFunction": _CallDirectly, "_checkpoint_without_reentrant_generator": _no_recomputation}
+    originals = {name: getattr(module, name, None) for name in names}
+    if None in originals.values():  # another torch: checkpoints then run as they are
+        yield
+        return
+    for name, stand_in in names.items():
+        setattr(module, name, stand_in)
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(module, name, original)
+
+
 class _NormTap(torch.autograd.Function):
-    """Identity on a layer's output whose backward applies the layer's rule to the arriving gradient.
+    """Identity on a scored call's output tensors whose backward hands their arriving gradients to the
+    scorer (the module's rule, or an op-level use's batched backward).
 
     Every tap also takes the pass's scalar `anchor` leaf: differentiating the loss w.r.t. the anchor
     reaches every tap (and only the taps), so autograd runs nothing below the first scored layer and
@@ -59,33 +105,54 @@ class _NormTap(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, output, anchor, cap, norm_fn):
-        ctx.cap, ctx.norm_fn = cap, norm_fn
-        return output.detach()
+    def forward(ctx, anchor, call, norm_fn, *outputs):
+        ctx.call, ctx.norm_fn = call, norm_fn
+        return tuple(o.detach() for o in outputs)
 
     @staticmethod
-    def backward(ctx, grad_output):
-        ctx.norm_fn(ctx.cap, grad_output)
-        return grad_output, None, None, None
+    def backward(ctx, *grads):
+        if in_batched_vjp():
+            # A use's batched backward reached another scored output on its way to the use's leaves: that
+            # path belongs to the other use, which counts it itself.
+            return (None, None, None, *(None for _ in grads))
+        ctx.norm_fn(ctx.call, grads)
+        return (None, None, None, *grads)
+
+
+def _tap(anchor, call, norm_fn, output):
+    """`output` (a tensor or a nesting of them) with its floating tensors tapped."""
+    leaves, spec = tree_flatten(output)
+    where = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
+    tapped = _NormTap.apply(anchor, call, norm_fn, *(leaves[i] for i in where))
+    for i, t in zip(where, tapped):
+        leaves[i] = t
+    return tree_unflatten(leaves, spec)
 
 
 class GradNormScorer:
     """Computes ||grad_theta l_i|| for every example i of a batch, for all trainable parameters.
 
     Args:
-        model: the network. Layers must see batch-first inputs (B, ...).
+        model: the network. Activations must hold the batch in dim 0 (B, ...), except the outputs of
+            modules that declare another layout (batch_first=False recurrent and attention layers).
         eval_mode: run the scoring pass in eval mode (dropout off, BatchNorm on running stats);
             the model's mode is restored afterwards.
         backend: kernel backend for the per-layer norms ("auto", "triton", "cuda", "cpu", "torch").
-        check_examples_separate: before each pass, check through the loss alone (two small backward
-            passes, no model layer) that example i's loss depends on row i of the outputs only, which
-            refuses losses that couple examples (InfoNCE, losses normalised over the batch) and
-            sequence-first outputs (T, B, ...) even when T == B.
-        fallback: a module with trainable parameters and no rule (a custom or third-party layer, a bare
-            parameter of the root module) is scored by the exact autograd fallback
-            (isgd_kernels.scorer.rules.fallback), with a one-time warning; False refuses it instead.
+        check_examples_separate: check that per-example gradients are what the scorer computes: every
+            pass, through the loss alone (two small backward passes, no model layer), that example i's loss
+            depends on row i of the outputs only (refuses losses that couple examples, such as InfoNCE);
+            and once per set of trainable parameters, by running the model on the batch in another order,
+            that every scored activation holds example i in row i of its batch dim (refuses sequence-first
+            activations even when T == B, and layers that mix examples). Tensor inputs whose dim 0 has size
+            B are taken as batched.
+        fallback: a module with trainable parameters and no rule (a custom or third-party layer) is scored
+            by the exact autograd fallback (isgd_kernels.scorer.rules.fallback), with a one-time warning;
+            False refuses it instead.
 
-    `.grad` of the parameters is never touched; the model's requires_grad flags are restored.
+    Parameters may be used anywhere: a layer called several times, a weight tied across modules or used
+    functionally (``F.linear(h, wte.weight)``), a bare ``nn.Parameter`` of a module with submodules: the
+    norm is that of the sum of all uses' gradients. `.grad` of the parameters is never touched; the
+    model's requires_grad flags are restored.
     """
 
     def __init__(self, model: nn.Module, *, eval_mode: bool = True, backend: str = "auto",
@@ -97,33 +164,36 @@ class GradNormScorer:
         self.backend = backend
         self.check_examples_separate = check_examples_separate
         self.fallback = fallback
-        self._uses_checked_for: tuple | None = None
+        self._probed: tuple | None = None
+        self._warned_no_probe = False  # (trainable signature, verdicts of its op-level uses)
         self._per_layer: dict | None = None  # set by verify() to record each layer's share
         self.layers: list[LayerCapture] = self._plan()  # fail early on unsupported modules
 
     def _plan(self) -> list[LayerCapture]:
-        """The modules with trainable direct parameters, each with its rule; refuses what it cannot do."""
-        captures, owner = [], {}
+        """The modules with trainable parameters, each with its rule; refuses what it cannot do."""
+        captures, owned_below = [], []
         for name, module in self.model.named_modules():
-            params = dict(module.named_parameters(recurse=False))
+            if any(name.startswith(prefix) for prefix in owned_below):
+                continue  # a rule above accounts for these parameters
+            spec = RULES.get(type(module))
+            recurse = spec is not None and spec.owns_children
+            params = dict(module.named_parameters(recurse=recurse))
             trainable = {pname: p.requires_grad for pname, p in params.items()}
+            if recurse:
+                owned_below.append(f"{name}." if name else "")
             if not any(trainable.values()):
                 continue
             label = name or "<root>"
-            if type(module) not in RULES and not self.fallback:
+            has_children = next(module.children(), None) is not None
+            per_use = spec is None and has_children
+            if spec is None and not per_use and not self.fallback:
                 raise UnsupportedModuleError(
                     f"GradNormScorer: module '{label}' ({type(module).__name__}) has trainable parameters "
                     f"{[p for p, t in trainable.items() if t]} and no per-example norm rule. Supported: "
                     f"{supported_names()}. Freeze it (requires_grad_(False)) to leave it out, add a rule with "
                     "isgd_kernels.scorer.register_rule, or allow the slow exact fallback (fallback=True).")
-            for pname, p in params.items():
-                if trainable[pname] and p in owner:
-                    raise ValueError(
-                        f"GradNormScorer: parameter '{label}.{pname}' is shared with '{owner[p]}'; per-example "
-                        "norms of shared parameters need the sum of both uses' gradients, which is not supported.")
-                owner[p] = f"{label}.{pname}"
-            captures.append(LayerCapture(label, module, trainable))
-            if type(module) not in RULES:
+            captures.append(LayerCapture(label, module, trainable, per_use=per_use))
+            if spec is None and not per_use:
                 warn_once(captures[-1])
         return captures
 
@@ -144,6 +214,17 @@ class GradNormScorer:
         """
         inputs, targets, loss_fn = _canonical_order(inputs, targets, loss_fn, "GradNormScorer.norms")
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        try:
+            sq, losses = self._pass(args, targets, loss_fn)
+        except Reprobe:  # this batch ran other ops on parameters than the probed one: check it too
+            self._probed = None
+            sq, losses = self._pass(args, targets, loss_fn)
+        norms = sq.sqrt()
+        return (norms, losses.detach()) if return_losses else norms
+
+    __call__ = norms
+
+    def _pass(self, args: tuple, targets, loss_fn: LossFn):
         batch = args[0].shape[0]
         # Planned anew each pass (requires_grad may have changed); `layers` shows what the pass holds.
         captures = self.layers = self._plan()
@@ -158,43 +239,109 @@ class GradNormScorer:
                     p.requires_grad_(False)
                 anchor = torch.zeros((), device=args[0].device, requires_grad=True)
                 total = _NormTotal(self.backend, self._per_layer)
-                for cap in captures:
-                    handles.append(cap.module.register_forward_hook(self._make_hook(cap, batch, anchor, total),
-                                                                    with_kwargs=True))
-                with torch.inference_mode(False), torch.enable_grad():
-                    signature = tuple(id(p) for p, flag in zip(params, requires_grad) if flag)
-                    if signature != self._uses_checked_for:  # once per set of trainable parameters
-                        with _ParameterUses(captures, model):
-                            outputs = model(*args)
-                        self._uses_checked_for = signature
-                    else:
+                signature = tuple(id(p) for p, flag in zip(params, requires_grad) if flag)
+                with torch.inference_mode(False), torch.enable_grad(), _checkpoints_run_plainly():
+                    probe, verdicts, call_verdicts = None, None, None
+                    if self._probed is not None and self._probed[0] == signature:
+                        _, verdicts, call_verdicts = self._probed
+                    elif self.check_examples_separate and self._can_probe(batch):
+                        probe = self._run_probe(args, captures, batch)
+                    elif self.check_examples_separate and batch >= 2 and not self._warned_no_probe:
+                        self._warned_no_probe = True
+                        warnings.warn(
+                            "GradNormScorer: dropout is active (eval_mode=False), so the layout probe cannot run "
+                            "(a permuted batch draws other masks): activations are taken as batch-first by their "
+                            "shapes alone, which a sequence-first (T, B, ...) activation with T == B would pass. "
+                            "Score in eval mode, or check the model once with scorer.verify.", stacklevel=3)
+                    uses = ParameterUses(model, captures, batch, against=probe, verdicts=verdicts,
+                                         tap=lambda use: _tap(anchor, use, total.add_use, use.output))
+                    state = _PassState(batch, anchor, total, probe, uses, call_verdicts)
+                    total.checking = probe is not None
+                    # Parameters scored op by op reach the graph only through their stand-ins; on a probed pass
+                    # they require grad, so that a use the op watch cannot see (a custom autograd.Function, an
+                    # extension op) shows as a gradient of the parameter itself.
+                    unseen = [p for cap in captures if cap.per_use for p in cap.trainable_parameters().values()]
+                    unseen = unseen if probe is not None else []
+                    for p in unseen:
+                        p.requires_grad_(True)
+                    for cap in captures:
+                        if not cap.per_use:
+                            handles.append(cap.module.register_forward_hook(self._make_hook(cap, state),
+                                                                            with_kwargs=True))
+                    with uses:
                         outputs = model(*args)
-                    losses = loss_fn(outputs, targets)
+                        losses = loss_fn(outputs, targets)
+                    if probe is not None or not self.check_examples_separate:
+                        self._probed = (signature, list(uses.found), list(state.calls_found))
+                    total.count_uses(captures, uses.uses)
                     self._check_losses(losses, batch)
                     if self.check_examples_separate:
                         _check_examples_separate(outputs, losses, batch)
-                    if captures and losses.requires_grad:
-                        total.backward_started = True
-                        try:
-                            torch.autograd.grad(losses.sum(), anchor, allow_unused=True)
-                        except RuntimeError as exc:
-                            if "use_reentrant" not in str(exc):
-                                raise
-                            raise ValueError(
-                                "GradNormScorer: the model uses torch.utils.checkpoint with use_reentrant=True, "
-                                "which torch runs only under .backward() (not autograd.grad, which the norms-only "
-                                "pass needs so as not to write any .grad). Use use_reentrant=False (the same "
-                                "memory saving; PyTorch's recommended mode).") from None
+                    if losses.requires_grad:
+                        total.backward_started = state.backward_started = True
+                        # On a probed pass the backward also takes the batch gradient of every stand-in leaf,
+                        # which the uses' per-example gradients must add up to: nothing left out.
+                        leaves = [leaf for _, leaf in uses.stand_ins] if probe is not None else []
+                        full = torch.autograd.grad(losses.sum(), [anchor, *leaves, *unseen], allow_unused=True)[1:]
+                        if leaves:
+                            total.check_accounted(uses, full[:len(leaves)])
+                        _refuse_unseen_uses(uses, unseen, full[len(leaves):])
                 sq = total.value(batch, args[0].device, accumulation_dtype(losses.dtype))
             finally:
                 for h in handles:
                     h.remove()
                 for p, flag in zip(params, requires_grad):
                     p.requires_grad_(flag)
-        norms = sq.sqrt()
-        return (norms, losses.detach()) if return_losses else norms
+        return sq, losses
 
-    __call__ = norms
+    def _can_probe(self, batch: int) -> bool:
+        """The permuted forward must see the same computation: two examples at least, no active dropout."""
+        return batch >= 2 and not any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+                                      for m in self.model.modules())
+
+    def _run_probe(self, args: tuple, captures: list[LayerCapture], batch: int) -> Probe:
+        """The forward on the batch in reverse order, recording what each candidate op and scored call gave."""
+        perm = torch.arange(batch - 1, -1, -1, device=args[0].device)
+        probe = Probe(perm)
+        permuted = tuple(a.index_select(0, perm.to(a.device)) if isinstance(a, torch.Tensor) and a.dim() > 0
+                         and a.shape[0] == batch else a for a in args)
+        handles = []
+
+        uses = ParameterUses(self.model, captures, batch, record=probe)
+        anchor = torch.zeros((), device=args[0].device, requires_grad=True)
+
+        def record(cap):
+            def hook(module, inputs, output):
+                if not replaying() and torch.is_grad_enabled():  # the calls the pass will score
+                    outs = tensor_outputs(output)
+                    with uses.pause():
+                        record_call(probe, cap, outs, _batch_dims(module, outs))
+                        # requires grad downstream as in the scoring pass, where the output is tapped
+                        output = _tap(anchor, None, None, output)
+                    uses.mark(tensor_outputs(output))
+                    return output
+            return hook
+
+        try:
+            for cap in captures:
+                if not cap.per_use:
+                    handles.append(cap.module.register_forward_hook(record(cap)))
+            with torch.random.fork_rng(devices=[args[0].device] if args[0].is_cuda else []):
+                with uses:
+                    try:
+                        self.model(*permuted)
+                    except (ValueError, RuntimeError) as exc:
+                        if isinstance(exc, UnsupportedModuleError) or str(exc).startswith("GradNormScorer"):
+                            raise
+                        raise ValueError(
+                            "GradNormScorer: the layout probe runs the model once on the batch in reverse order "
+                            f"(first pass only), and the model refused it: {exc}. If the model needs its batch in "
+                            "a particular order (pack_padded_sequence with enforce_sorted=True), pass "
+                            "enforce_sorted=False, or check_examples_separate=False to skip the probe.") from exc
+        finally:
+            for h in handles:
+                h.remove()
+        return probe
 
     def verify(self, inputs, targets, loss_fn: LossFn, n: int = 4) -> "VerifyReport":
         """Check the scorer on the first `n` examples of your own model and data against float64
@@ -236,38 +383,52 @@ class GradNormScorer:
                     "with eval_mode=True (running statistics), or replace it with GroupNorm/LayerNorm.")
 
     @staticmethod
-    def _make_hook(cap: LayerCapture, batch: int, anchor: torch.Tensor, total: "_NormTotal"):
+    def _make_hook(cap: LayerCapture, state: "_PassState"):
         def hook(module, inputs, kwargs, output):
+            with state.uses.pause():  # the scorer's own ops are not the model's
+                return scored_call(module, inputs, kwargs, output)
+
+        def scored_call(module, inputs, kwargs, output):
             if replaying():  # a fallback rule re-running a module's forward in backward: not a new call
                 return None
-            if total.backward_started:
-                # Activation checkpointing recomputes the forward inside backward. Non-reentrant: the graph,
-                # and this layer's tap, are the original forward's. Reentrant: the original call ran without
-                # grad (no tap), and this recomputation builds the graph that backward then runs: tap it.
-                if cap.tapped:
-                    return None
+            if state.backward_started:
+                # Non-reentrant activation checkpointing recomputes the forward inside backward to rebuild
+                # saved tensors; the graph, and this call's tap, are the original forward's.
+                return None
+            if not torch.is_grad_enabled():
+                # No graph here (torch.no_grad): autograd gives these parameters no gradient from this call.
+                return None
+            outs = tensor_outputs(output)
+            dims = _batch_dims(module, outs)
+            index, state.calls_seen = state.calls_seen, state.calls_seen + 1
+            if state.call_verdicts is not None:
+                if index >= len(state.call_verdicts) or state.call_verdicts[index][0] != cap.name:
+                    raise Reprobe()
+                verdict = state.call_verdicts[index][1]
+                if verdict != DERIVED and judge_call(cap, outs, dims, state.batch, None, index) == DERIVED:
+                    raise Reprobe()  # the probed pass had the batch where this one has not
             else:
-                cap.calls += 1
-                if cap.calls > 1:
-                    raise ValueError(
-                        f"GradNormScorer: module '{cap.name}' ({type(module).__name__}) was called more than once "
-                        "in one forward pass (a reused layer shares its parameters across calls); this is not "
-                        "supported.")
-                if not torch.is_grad_enabled():
-                    # No graph here (torch.no_grad, or a reentrant checkpoint's first run): autograd gives these
-                    # parameters no gradient from this call, so neither does the scorer, unless a reentrant
-                    # checkpoint recomputes it in backward (above).
-                    return None
-            if not isinstance(output, torch.Tensor) or output.dim() == 0 or output.shape[0] != batch:
-                shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-                raise ValueError(
-                    f"GradNormScorer: module '{cap.name}' produced output {shape}, expected batch-first (B={batch}, "
-                    "...). The scorer needs every scored layer to see the batch in dim 0 (use batch_first=True).")
+                verdict = judge_call(cap, outs, dims, state.batch, state.probe, index)
+            state.calls_found.append((cap.name, verdict))
+            if verdict == DERIVED:
+                # No batch in order here (a positional Embedding on arange(T), a sequence-first activation): run
+                # the call again on the pass's stand-ins for its parameters and follow its outputs, like an op's.
+                params = cap.trainable_parameters()
+                leaves = {name: state.uses.stand_in(p) for name, p in params.items()}
+                with replaying_call(), torch.enable_grad():
+                    output = functional_call(module, leaves, inputs, kwargs, strict=False)
+                state.uses.mark(tensor_outputs(output), [(id(params[n]), leaf) for n, leaf in leaves.items()])
+                return output
+            cap.calls += 1
             # Activations are data for the norm kernels, not part of the graph to differentiate.
-            cap.inputs = tuple(i.detach() if isinstance(i, torch.Tensor) else i for i in inputs)
-            cap.kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-            cap.tapped = True
-            return _NormTap.apply(output, anchor, cap, total.add)
+            call = dataclasses.replace(
+                cap, inputs=tuple(i.detach() if isinstance(i, torch.Tensor) else i for i in inputs),
+                kwargs={k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+            floating = [d for t, d in zip(outs, dims) if t.is_floating_point() or t.is_complex()]
+            call.batch_dims, call.single_output = floating, isinstance(output, torch.Tensor)
+            tapped = _tap(state.anchor, call, state.total.add_call, output)
+            state.uses.mark(tensor_outputs(tapped))
+            return tapped
 
         return hook
 
@@ -283,6 +444,34 @@ class GradNormScorer:
             idx = bad.nonzero().flatten()[:10].tolist()
             raise ValueError(f"GradNormScorer: loss_fn returned non-finite losses for examples {idx}")
 
+
+def _batch_dims(module: nn.Module, outputs: list) -> list:
+    """Where each output of a scored module holds the batch: its rule's declaration, else dim 0."""
+    spec = RULES.get(type(module))
+    return spec.batch_dims(module, outputs) if spec is not None and spec.batch_dims else [0] * len(outputs)
+
+
+def _refuse_unseen_uses(uses: ParameterUses, params: list, grads: tuple) -> None:
+    for p, g in zip(params, grads):
+        if g is not None and bool(g.ne(0).any()):
+            raise UnsupportedModuleError(
+                f"GradNormScorer: parameter '{uses.label.get(id(p), '?')}' is used by an operation that does not go "
+                "through torch's Python dispatch (a custom torch.autograd.Function, an extension op), so its "
+                "per-example gradient cannot be taken there. Move that use into a module of its own (it is then "
+                "scored by the exact fallback or a rule you register), or freeze the parameter.")
+
+
+@dataclass
+class _PassState:
+    batch: int
+    anchor: torch.Tensor
+    total: "_NormTotal"
+    probe: Probe | None
+    uses: ParameterUses
+    call_verdicts: list | None = None  # the probed pass's verdict per scored call, which later passes follow
+    calls_seen: int = 0
+    calls_found: list = dataclasses.field(default_factory=list)
+    backward_started: bool = False
 
 
 def _check_examples_separate(outputs, losses: torch.Tensor, batch: int) -> None:
@@ -315,79 +504,114 @@ def _check_examples_separate(outputs, losses: torch.Tensor, batch: int) -> None:
                 "output): permute it to (B, T, ...) in the model. (check_examples_separate=False skips this check.)")
 
 
-class _ParameterUses(TorchFunctionMode):
-    """Watches one forward pass: every trainable parameter must be consumed inside its own module's
-    forward, where the module's rule accounts for it. A use elsewhere (``F.linear(h, wte.weight)`` for
-    logits, ``h @ emb.weight.T``) adds a term to the parameter's per-example gradient that no rule
-    sees, which would make the norm silently too small: refused, naming the parameter and the use.
-
-    Python-level dispatch on every op costs time, so the scorer watches only its first pass for a
-    given set of trainable parameters (a forward whose parameter uses change from batch to batch
-    would escape the check)."""
-
-    def __init__(self, captures: list[LayerCapture], model: nn.Module):
-        super().__init__()
-        self.owner = {}  # id(parameter) -> (owning module, "module.param" label)
-        for cap in captures:
-            for pname, trainable in cap.trainable.items():
-                if trainable:
-                    self.owner[id(getattr(cap.module, pname))] = (cap.module, f"{cap.name}.{pname}")
-        self.stack: list[nn.Module] = []
-        self.names = {m: (n or "<root>") for n, m in model.named_modules()}
-        self.model = model
-        self.handles = []
-
-    def __enter__(self):
-        def enter(module, args):
-            self.stack.append(module)
-
-        def leave(module, args, output):
-            self.stack.pop()
-
-        for module in self.model.modules():
-            self.handles.append(module.register_forward_pre_hook(enter))
-            self.handles.append(module.register_forward_hook(leave, always_call=True))
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        return super().__exit__(*exc)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        for arg in (*args, *kwargs.values()):
-            for t in (arg if isinstance(arg, (list, tuple)) else (arg,)):
-                entry = self.owner.get(id(t)) if isinstance(t, nn.Parameter) else None
-                if entry is not None and (not self.stack or self.stack[-1] is not entry[0]):
-                    where = f"module '{self.names.get(self.stack[-1], '?')}'" if self.stack else "the model's code"
-                    raise UnsupportedModuleError(
-                        f"GradNormScorer: parameter '{entry[1]}' is also used outside its module, by "
-                        f"{getattr(func, '__name__', func)} in {where} (a tied or functional use, e.g. logits "
-                        "F.linear(h, wte.weight)). Its per-example gradient is the sum over all its uses, which "
-                        "the scorer does not compute for such uses: the norm would be too small. Freeze it "
-                        "(requires_grad_(False)), or use the layer itself (call the module) for every use.")
-        return func(*args, **kwargs)
-
-
 class _NormTotal:
-    """Running sum of the layers' per-example squared norms, filled by the taps during backward.
-    A layer that does not reach the loss never gets a gradient and adds nothing (its norm is 0)."""
+    """Running sum of the per-example squared norms, filled by the taps during backward.
+
+    A parameter with one use in the pass adds its squared norm straight away (the rule's, or the norm of
+    the use's per-example gradients). A parameter with several uses (module calls and op-level uses) has
+    its uses' per-example gradients summed first, cross terms and all, and its norm taken at the end.
+    A use that does not reach the loss never gets a gradient and adds nothing."""
 
     def __init__(self, backend: str, per_layer: dict | None = None):
         self.backend = backend
         self.sum: torch.Tensor | None = None
         self.per_layer = per_layer  # name -> (B,) squared norm, when the caller wants the breakdown
-        self.backward_started = False  # forward hooks called after this are checkpoint recomputations
+        self.backward_started = False
+        self.multi: set[int] = set()  # ids of parameters with several uses in this pass
+        self.owner: dict[int, str] = {}  # id(param) -> name of the scored module it belongs to
+        self.parts: dict[int, list] = {}  # id(param) -> its uses' per-example gradients (scorer/parts.py)
+        self.leaf_sums: dict[int, torch.Tensor] = {}  # id(stand-in leaf) -> its per-example gradients' sum
+        self.checking = False  # a probed pass: the sums are checked against the batch gradients
 
-    def add(self, cap: LayerCapture, grad_output: torch.Tensor) -> None:
-        sq = RULES.get(type(cap.module), autograd_fallback_rule)(cap, grad_output, self.backend)
-        cap.inputs, cap.kwargs = (), {}  # free the layer's activations as soon as its norm is known
+    def count_uses(self, captures: list[LayerCapture], op_uses) -> None:
+        uses = dict(op_uses)
+        for cap in captures:
+            for p in cap.trainable_parameters().values():
+                self.owner.setdefault(id(p), cap.name)
+                uses[id(p)] = uses.get(id(p), 0) + cap.calls
+        self.multi = {pid for pid, n in uses.items() if n > 1}
+
+    def _add(self, name: str, sq: torch.Tensor) -> None:
         self.sum = sq.double() if self.sum is None else self.sum + sq.double()
         if self.per_layer is not None:
-            self.per_layer[cap.name] = sq.detach().double()
+            self.per_layer[name] = self.per_layer.get(name, 0) + sq.detach().double()
+
+    def _add_grads(self, params: dict[int, torch.Tensor], grads: dict) -> None:
+        """Per-example gradients of one use (dense (B, *shape), or a LinearPart / EmbeddingPart)."""
+        for pid, g in grads.items():
+            if pid in self.multi:
+                self.parts.setdefault(pid, []).append(g)
+            else:
+                self._add(self.owner[pid], sq_norm_of_sum([g], self.backend))
+
+    def add_call(self, call: LayerCapture, grads: tuple) -> None:
+        """A scored module call's output gradients arrived."""
+        spec = RULES.get(type(call.module))
+        grad_output = grads[0] if call.single_output else tuple(grads)
+        params = call.trainable_parameters()
+        if any(id(p) in self.multi for p in params.values()):
+            if spec is not None and spec.grads is not None:
+                by_name = spec.grads(call, grad_output)
+            else:
+                by_name = per_example_grads(call, grad_output, call.batch_dims)
+            self._add_grads(params, {id(params[n]): g for n, g in by_name.items()})
+        elif spec is not None:
+            self._add(call.name, spec.norm(call, grad_output, self.backend))
+        else:
+            self._add(call.name, autograd_fallback_rule(call, grad_output, self.backend, call.batch_dims))
+        call.inputs, call.kwargs = (), {}  # free the call's activations as soon as its norm is known
+
+    def add_use(self, use: Use, grads: tuple) -> None:
+        """An op-level use's output gradient arrived: one batched backward through the op (and the ops without
+        the batch before it) to its stand-in leaves; a parameter read through several leaves sums them."""
+        grad = grads[0]
+        if use.linear is not None:  # F.linear on a weight: factored, no batched backward
+            x, (wid, wleaf), bias = use.linear
+            A, G = x.reshape(x.shape[0], -1, x.shape[-1]), grad.reshape(grad.shape[0], -1, grad.shape[-1])
+            result = {wid: LinearPart(A, G)}
+            if bias is not None:
+                result[bias[0]] = G.sum(1)
+            if self.checking:
+                self.leaf_sums[id(wleaf)] = torch.einsum("bto,bti->oi", G.double(), A.double())
+                if bias is not None:
+                    self.leaf_sums[id(bias[1])] = G.double().sum((0, 1))
+            use.output = None
+            self._add_grads({}, result)
+            return
+        result = {}
+        for pid, leaf in use.leaves:
+            result.setdefault(pid, grad.new_zeros((grad.shape[0],) + tuple(leaf.shape)))
+
+        def consume(rows, chunk_grads):
+            for (pid, leaf), g in zip(use.leaves, chunk_grads):
+                if g is not None:
+                    result[pid][rows] += g.to(grad.dtype)
+                    self.leaf_sums[id(leaf)] = self.leaf_sums.get(id(leaf), 0) + g.double().sum(0)
+
+        batched_vjp([use.output], [grad], [0], [leaf for _, leaf in use.leaves], consume)
+        use.output = None  # the op's graph is no longer needed for this use
+        self._add_grads({}, result)
+
+    def check_accounted(self, uses: ParameterUses, full: tuple) -> None:
+        """The per-example gradients the uses took of each stand-in leaf add up to the leaf's batch gradient:
+        a use the scorer failed to tap would otherwise be a silently missing term."""
+        for (pid, leaf), g in zip(uses.stand_ins, full):
+            if g is None:
+                continue
+            got = self.leaf_sums.get(id(leaf))
+            g = g.double()
+            scale = g.abs().max()
+            rtol = 1e-9 if leaf.dtype == torch.float64 else 1e-3
+            if scale > 0 and (got is None or (got - g).abs().max() > rtol * scale):
+                raise RuntimeError(
+                    f"GradNormScorer: internal check failed: the per-example gradients of parameter "
+                    f"'{uses.label.get(pid, '?')}' do not add up to its batch gradient, so a use of it was not "
+                    "scored. Please report this model; check_examples_separate=False skips the check.")
 
     def value(self, batch: int, device, dtype) -> torch.Tensor:
+        for pid, parts in self.parts.items():
+            self._add(self.owner[pid], sq_norm_of_sum(parts, self.backend))
+        self.parts = {}
         if self.sum is None:
             return torch.zeros(batch, device=device, dtype=dtype)
         return self.sum.to(dtype)
@@ -456,7 +680,7 @@ def _reference_per_layer(model: nn.Module, layers: list[LayerCapture], args: tup
         module = by_name["" if cap.name == "<root>" else cap.name]
         for pname, trainable in cap.trainable.items():
             if trainable:
-                owners[getattr(module, pname)] = cap.name
+                owners.setdefault(module.get_parameter(pname), cap.name)
     params = list(owners)
     out = {cap.name: torch.zeros(n, dtype=torch.float64) for cap in layers}
     with evaluating(model64, enabled=eval_mode), torch.inference_mode(False), torch.enable_grad():

@@ -34,7 +34,7 @@ def per_example_grad_norms_vmap(model: torch.nn.Module, loss_fn, inputs: torch.T
     norms = []
     for i in range(0, inputs.shape[0], step):
         grads = per_example_grad(params, inputs[i:i + step], targets[i:i + step])
-        norms.append(sum(g.flatten(1).square().sum(1) for g in grads.values()).sqrt())
+        norms.append(sum(g.reshape(g.shape[0], -1).square().sum(1) for g in grads.values()).sqrt())
     return torch.cat(norms)
 
 

@@ -1,9 +1,9 @@
 """The scorer's rule registry: what a rule receives, its signature, and the table of rules.
 
 A leaf module (it imports nothing of the scorer), so the rule modules and the scorer both depend on
-it and never on each other. A rule turns one scored module's captured inputs and the gradient of
-the per-example losses w.r.t. its output into the (B,) squared norm of the gradient of the module's
-trainable direct parameters.
+it and never on each other. A rule turns one call of a scored module (its captured inputs and the
+gradient of the per-example losses w.r.t. its output) into the (B,) squared norm of the gradient of
+the module's trainable parameters from that call.
 """
 from __future__ import annotations
 
@@ -20,24 +20,40 @@ class UnsupportedModuleError(TypeError):
 
 @dataclass
 class LayerCapture:
-    """What the forward pass recorded for one scored module."""
+    """One scored module, and what the forward pass recorded for one call of it."""
 
     name: str
     module: nn.Module
-    trainable: dict[str, bool]  # direct parameter name -> requires_grad at the start of the pass
+    # parameter name (dotted below the module for a rule that owns its children) -> requires_grad at
+    # the start of the pass
+    trainable: dict[str, bool]
     inputs: tuple = ()
     kwargs: dict = field(default_factory=dict)  # keyword arguments of the call
     calls: int = 0
-    tapped: bool = False  # its output carries the norm tap of this pass
+    # Scored op by op (uses.py) rather than by a rule on the module's calls: direct parameters of a module
+    # with submodules and no rule (a positional embedding or class token on the root, a LoRA wrapper).
+    per_use: bool = False
+    batch_dims: list = field(default_factory=list)  # of the call's floating outputs (None: no batch)
+    single_output: bool = True  # the call returned one tensor (its rule gets one gradient, not a tuple)
 
     @property
     def label(self) -> str:
         """How error messages name the module: ``module 'name' (Type)``."""
         return f"module '{self.name}' ({type(self.module).__name__})"
 
+    def parameter(self, name: str) -> torch.Tensor | None:
+        """The module's parameter `name` (dotted for a child's), or None."""
+        try:
+            return self.module.get_parameter(name)
+        except AttributeError:
+            return None
+
     def is_trainable(self, param: str) -> bool:
         """The module has a parameter `param` (not None) that required grad when the pass began."""
-        return getattr(self.module, param, None) is not None and self.trainable.get(param, False)
+        return self.trainable.get(param, False) and self.parameter(param) is not None
+
+    def trainable_parameters(self) -> dict[str, torch.Tensor]:
+        return {name: self.module.get_parameter(name) for name, flag in self.trainable.items() if flag}
 
     def argument(self, position: int, name: str, default=None):
         """The call's argument at `position`, or passed by keyword as `name`."""
@@ -51,17 +67,44 @@ class LayerCapture:
         return self.inputs[0]
 
 
-# rule(capture, grad_output, backend) -> (B,) squared norm of the module's trainable direct parameters.
-Rule = Callable[[LayerCapture, torch.Tensor, str], torch.Tensor]
+# rule(capture, grad_output, backend) -> (B,) squared norm of the module's trainable parameters' gradient
+# from the captured call. grad_output is a tensor when the module returns one tensor; for a module that
+# returns a tuple (or other nesting) of tensors, a tuple with the gradient of each tensor it returned, in
+# torch.utils._pytree order, zeros where no gradient reached it.
+Rule = Callable[[LayerCapture, "torch.Tensor | tuple", str], torch.Tensor]
+# batch_dims(module, outputs) -> for each tensor the module returned, the dim that holds the batch (None for
+# one that has none): how a sequence-first module (batch_first=False) declares its layout.
+BatchDims = Callable[[nn.Module, list], list]
+# grads(capture, grad_output) -> {parameter name: (B, *shape) per-example gradients} for a parameter that
+# has several uses (a shared layer called twice, a tied weight), whose uses' gradients must be summed
+# before the norm. Without it the scorer replays the module (the exact autograd fallback's way).
+GradsRule = Callable[[LayerCapture, "torch.Tensor | tuple"], dict]
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    norm: Callable  # Rule
+    batch_dims: BatchDims | None = None
+    owns_children: bool = False
+    grads: GradsRule | None = None
+
 
 # Exact types only: a subclass may use its parameters differently in forward (LoRA, quantized, ...).
-RULES: dict[type, Rule] = {}
+RULES: dict[type, RuleSpec] = {}
 
 
-def register_rule(module_type: type, rule: Rule) -> None:
+def register_rule(module_type: type, rule: Rule, *, batch_dims: BatchDims | None = None,
+                  owns_children: bool = False, grads: GradsRule | None = None) -> None:
     """Teach the scorer a new module type. `rule(capture, grad_output, backend) -> (B,)` must return
-    the exact per-example squared gradient norm of the module's trainable direct parameters."""
-    RULES[module_type] = rule
+    the exact per-example squared gradient norm of the module's trainable parameters from one call.
+
+    batch_dims: for a module whose outputs are not batch-first, `batch_dims(module, outputs)` gives the
+        batch dim of each tensor it returns (default: dim 0 of every one).
+    owns_children: the rule accounts for the parameters of the module's submodules too (dotted names in
+        `capture.trainable`); they are then not scored on their own.
+    grads: `grads(capture, grad_output) -> {name: (B, *shape)}` per-example gradients, used when a
+        parameter has several uses in one pass (default: the exact replay of the module)."""
+    RULES[module_type] = RuleSpec(rule, batch_dims, owns_children, grads)
 
 
 def supported_names() -> str:

@@ -50,6 +50,9 @@ def _add_train(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("algorithm")
     g.add_argument("--mode", choices=("issgd", "usgd", "both"), default="issgd",
                    help="importance-sampled SGD, uniform SGD, or both one after the other with a comparison")
+    g.add_argument("--seeds", type=int, default=1,
+                   help="with --mode both: compare paired runs of seeds SEED, SEED+1, ... and report each figure's "
+                        "median and range over them")
     g.add_argument("--steps", type=int, default=2000, help="master steps (SGD updates)")
     g.add_argument("--batch-size", type=int, default=128, help="examples per master step (drawn with replacement)")
     g.add_argument("--lr", type=float, default=0.01, help="learning rate")
@@ -63,8 +66,8 @@ def _add_train(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", type=_builtin_or_import_string(DATASETS), default="digits",
                    metavar="NAME|MODULE:FACTORY",
-                   help=f"one of {', '.join(DATASETS)} (digits is bundled with scikit-learn; mnist and svhn read the "
-                        "official files from --data-dir), or an import string package.module:factory naming a "
+                   help=f"one of {', '.join(DATASETS)} (digits is bundled with scikit-learn; longtail and synthetic are "
+                        "generated; mnist and svhn read the official files from --data-dir), or an import string package.module:factory naming a "
                         "zero-argument factory that returns a map-style Dataset of (input, target) items or a "
                         "(train, valid) pair of them")
     g.add_argument("--data-dir", help="folder with the official mnist / svhn files")
@@ -168,13 +171,15 @@ def _train(parser: argparse.ArgumentParser, args) -> int:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     fields = ("score", "steps", "batch_size", "lr", "momentum", "smoothing", "refresh_every", "dataset", "data_dir", "model",
               "hidden", "workers", "chunk_size", "worker_threads", "master_threads", "worker_timeout", "startup_timeout", "diag_every",
-              "diag_examples", "checkpoint_every", "resume", "out", "seed", "device", "backend")
+              "diag_examples", "checkpoint_every", "resume", "out", "seed", "seeds", "device", "backend")
     values = {f: getattr(args, f) for f in fields}
     try:
         config = TrainConfig(mode="issgd" if args.mode == "both" else args.mode, progress=not args.no_progress,
                              **values).validate()
     except ConfigError as exc:
         parser.error(f"argument --{exc.field.replace('_', '-')}: {str(exc).split(' ', 1)[1]}")
+    if args.seeds > 1 and args.mode != "both":
+        parser.error("argument --seeds: paired seeds compare ISSGD with uniform SGD: use it with --mode both")
     if args.mode == "both" and args.resume:
         parser.error("--resume continues one run: resume OUT/issgd or OUT/usgd with --mode issgd|usgd")
     problem = _unwritable(Path(config.out))
@@ -188,8 +193,9 @@ def _train(parser: argparse.ArgumentParser, args) -> int:
         if args.mode == "both":
             result = run_comparison(config)
             print("\n" + result["text"])
-            print(f"\nwrote {Path(config.out) / 'compare.png'}, summary.md, summary.json and per-run metrics "
-                  f"under {config.out}/usgd and {config.out}/issgd")
+            runs = (f"{config.out}/usgd and {config.out}/issgd" if config.seeds == 1
+                    else f"{config.out}/seed<k>/usgd and issgd, k = {config.seed}..{config.seed + config.seeds - 1}")
+            print(f"\nwrote {Path(config.out) / 'compare.png'}, summary.md, summary.json and per-run metrics under {runs}")
         else:
             from issgd.report import plot_runs, table
 

@@ -1,56 +1,115 @@
-"""ISSGD against uniform SGD: the same job run twice, then one table and one figure."""
+"""ISSGD against uniform SGD: the same job run twice per seed (paired), then tables and one figure.
+
+One seed (``config.seeds == 1``): ``usgd/`` and ``issgd/`` under ``config.out``, the runs' table and
+the pair's figures. Several: ``seed<k>/usgd`` and ``seed<k>/issgd`` for k = seed, seed+1, ..., each pair
+with its own ``summary.json``, and at the top the median and range over seeds of every figure
+(``report.aggregate``) and a figure with every seed's curves and their median.
+"""
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 
-from issgd.report import comparison, fmt, plot_runs, table, to_json, workers_phrase
+from tqdm import tqdm
+
+from issgd.report import (FRACTIONS, STYLE, aggregate, comparison, fmt, plot_runs, plot_seeds, seeds_table, table,
+                          to_json, workers_phrase)
 from issgd.threads import master_threads
 from issgd.trainer import TrainConfig, Trainer
 
 
 def run_comparison(config: TrainConfig) -> dict:
-    """Runs ``usgd`` then ``issgd`` (same seed, initial parameters, threads and everything else;
-    uniform SGD needs no scoring workers) under ``config.out``/<mode>; writes ``compare.png``,
-    ``summary.md`` and ``summary.json`` there and returns the summary."""
+    """Runs ``usgd`` then ``issgd`` for each of ``config.seeds`` seeds (same seed, data split, initial
+    parameters, threads and everything else within a pair; uniform SGD needs no scoring workers) under
+    ``config.out``; writes ``compare.png``, ``summary.md`` and ``summary.json`` there and returns the
+    summary, with its printable text under "text"."""
     out = Path(config.out)
-    # Both runs get the threads the ISSGD run's master has (the cores its local workers leave free), so
+    # Every run gets the threads the ISSGD run's master has (the cores its local workers leave free), so
     # that their steps/s compare like with like.
     threads = (master_threads(config.master_threads, config.workers, config.worker_threads)
                if config.device.startswith("cpu") else config.master_threads)
-    summaries, runs = {}, {}
-    for mode in ("usgd", "issgd"):
-        cfg = replace(config, mode=mode, out=str(out / mode), master_threads=threads,
-                      workers=config.workers if mode == "issgd" else 0)
-        trainer = Trainer(cfg)
-        summaries[mode] = trainer.run()
-        runs[mode] = trainer.records
-    result = {"runs": summaries, "comparison": comparison(runs, summaries["issgd"])}
-    (out / "summary.json").write_text(to_json(result, indent=1))
-    text = table(summaries) + "\n\n" + comparison_text(result["comparison"], summaries)
-    (out / "summary.md").write_text(text + "\n")
-    if any(runs.values()):  # --diag-every 0 leaves nothing to plot
-        plot_runs(runs, out / "compare.png", title=f"ISSGD vs uniform SGD on {config.dataset} ({config.model}, "
-                                                   f"{workers_phrase(config.workers)}, c = {config.smoothing})")
+    seeds = [config.seed + k for k in range(config.seeds)]
+    if len(seeds) == 1:
+        return _single(replace(config, master_threads=threads), out)
+    pairs = []
+    # One bar over every step of every run; the runs' own bars stay off.
+    with tqdm(total=2 * len(seeds) * config.steps, unit="step", disable=not config.progress, dynamic_ncols=True,
+              mininterval=0.5) as bar:
+        for k, seed in enumerate(seeds):
+            cfg = replace(config, seed=seed, seeds=1, master_threads=threads, progress=False)
+            pairs.append(_run_pair(cfg, out / f"seed{seed}", bar, f"seed {seed} ({k + 1}/{len(seeds)})"))
+            _write(out / f"seed{seed}", pairs[-1], _pair_text(pairs[-1], cfg))
+            last = pairs[-1]["comparison"]["steps_to_loss"]
+            if last:
+                bar.set_postfix(end_ratio=fmt(last[-1]["ratio"], ".2f"), refresh=False)
+    comparisons = [p["comparison"] for p in pairs]
+    result = {"seeds": seeds, "aggregate": aggregate(comparisons),
+              "per_seed": [{"seed": p["seed"], "comparison": p["comparison"], "runs": p["runs"]} for p in pairs]}
+    text = (f"ISSGD against uniform SGD on {config.dataset} ({config.model}, {workers_phrase(config.workers)}, "
+            f"c = {config.smoothing}, {config.steps} steps), {len(seeds)} paired seeds {seeds[0]}..{seeds[-1]}:\n\n"
+            + seeds_table(result["aggregate"]) + "\n\n" + _seeds_notes(pairs[0], config))
+    _write(out, result, text)
+    if any(records for p in pairs for records in p["records"].values()):
+        plot_seeds([p["records"] for p in pairs], comparisons, out / "compare.png", title=_title(config, len(seeds)))
     result["text"] = text
     return result
 
 
-def comparison_text(c: dict, summaries: dict) -> str:
-    lines = [f"- mean √TrΣ, actual ISSGD / uniform along the ISSGD run: {fmt(c['issgd_mean_ratio_actual_to_uniform'], '.3f')}",
-             f"- mean √TrΣ, ideal ISSGD / uniform along the ISSGD run: {fmt(c['issgd_mean_ratio_ideal_to_uniform'], '.3f')}"]
-    if c["usgd_final_train_loss"] is None:
+def _single(config: TrainConfig, out: Path) -> dict:
+    pair = _run_pair(config, out)
+    result = {"runs": pair["runs"], "comparison": pair["comparison"]}
+    text = _pair_text(pair, config)
+    _write(out, result, text)
+    if any(pair["records"].values()):  # --diag-every 0 leaves nothing to plot
+        plot_runs(pair["records"], out / "compare.png", title=_title(config, 1))
+    result["text"] = text
+    return result
+
+
+def _run_pair(config: TrainConfig, out: Path, bar: tqdm | None = None, label: str = "") -> dict:
+    """Uniform SGD, then ISSGD, with `config` (its seed) under out/usgd and out/issgd."""
+    summaries, records = {}, {}
+    for mode in ("usgd", "issgd"):
+        cfg = replace(config, mode=mode, out=str(out / mode), workers=config.workers if mode == "issgd" else 0)
+        if bar is not None:
+            bar.set_description(f"{label} {STYLE[mode]['label']}")
+        trainer = Trainer(cfg, on_step=(lambda *_: bar.update(1)) if bar is not None else None)
+        summaries[mode] = trainer.run()
+        records[mode] = trainer.records
+    return {"seed": config.seed, "runs": summaries, "records": records, "comparison": comparison(records, summaries)}
+
+
+def _write(out: Path, result: dict, text: str) -> None:
+    (out / "summary.json").write_text(to_json({k: v for k, v in result.items() if k != "records"}, indent=1))
+    (out / "summary.md").write_text(text + "\n")
+
+
+def _title(config: TrainConfig, seeds: int) -> str:
+    return (f"ISSGD vs uniform SGD on {config.dataset} ({config.model}, {workers_phrase(config.workers)}, "
+            f"c = {config.smoothing}" + (f", {seeds} paired seeds" if seeds > 1 else "") + ")")
+
+
+def _pair_text(pair: dict, config: TrainConfig) -> str:
+    return table(pair["runs"]) + "\n\n" + comparison_text(pair["comparison"], pair["runs"], config)
+
+
+def comparison_text(c: dict, summaries: dict, config: TrainConfig) -> str:
+    """The figures of one pair of runs, one line each."""
+    lines = [f"- mean √TrΣ along the ISSGD run after step {c['warmup_steps']}: actual ISSGD / uniform "
+             f"{fmt(c['sqrt_tr_actual_to_uniform'], '.3f')}, ideal ISSGD / uniform "
+             f"{fmt(c['sqrt_tr_ideal_to_uniform'], '.3f')}"]
+    if not c["steps_to_loss"]:
         lines.append("- no diagnostics (--diag-every 0): no loss comparison")
-    elif c["issgd_steps_to_usgd_final_loss"] is None:
-        lines.append(f"- ISSGD did not reach uniform SGD's final training loss ({c['usgd_final_train_loss']:.4f}) "
-                     f"within {c['usgd_steps']} steps")
-    else:
-        lines.append(f"- ISSGD reached uniform SGD's final training loss ({c['usgd_final_train_loss']:.4f}) at step "
-                     f"{c['issgd_steps_to_usgd_final_loss']} of {c['usgd_steps']}: {c['steps_ratio']:.2f}x the steps")
+    for s in c["steps_to_loss"]:
+        where = f"uniform SGD's training loss at {100 * s['fraction']:.0f} % of its run ({s['train_loss']:.4f}, smoothed)"
+        if s["issgd_step"] is None:
+            lines.append(f"- ISSGD did not reach {where} within its {c['usgd_steps']} steps")
+        else:
+            lines.append(f"- ISSGD reached {where} at step {s['issgd_step']:.0f} instead of {s['usgd_step']:.0f}: "
+                         f"{s['ratio']:.2f}x the steps")
     s = summaries["issgd"]
-    if s.get("workers") and c["usgd_final_train_loss"] is not None:
-        lines.append("  (scoring workers run asynchronously, so the weights, and with them this figure, differ "
-                     "between runs of the same seed; `--workers 0` runs are bit-reproducible)")
+    if s.get("workers") and c["steps_to_loss"]:
+        lines.append(_ASYNC)
     if s.get("scoring_examples_per_second"):
         lines.append(f"- scoring: {workers_phrase(s['workers'])} scored {s['scored_examples']} examples "
                      f"({s['scoring_examples_per_second']:.0f}/s of training time, "
@@ -60,6 +119,24 @@ def comparison_text(c: dict, summaries: dict) -> str:
     ratio = issgd_rate / usgd_rate if issgd_rate and usgd_rate else None
     lines.append(f"- master throughput: ISSGD {fmt(issgd_rate, '.0f')} steps/s, uniform SGD {fmt(usgd_rate, '.0f')} "
                  f"steps/s (ratio {fmt(ratio, '.2f')}){_threads_phrase(s)}")
+    return "\n".join(lines)
+
+
+_ASYNC = ("  (scoring workers run asynchronously, so the weights, and with them these figures, differ between runs "
+          "of the same seed; `--workers 0` runs are bit-reproducible)")
+
+
+def _seeds_notes(pair: dict, config: TrainConfig) -> str:
+    """What the figures of a multi-seed comparison rest on."""
+    lines = [f"- each seed trains both runs from the same data split, initial parameters and sampler seed; "
+             f"steps-to-loss ratios are read off smoothed training-loss curves at "
+             f"{', '.join(f'{100 * f:.0f} %' for f in FRACTIONS)} of uniform SGD's run ('not reached': ISSGD "
+             "needed more steps than the run had); each seed's own tables: seed<k>/summary.md"]
+    if config.workers and config.diag_every:
+        lines.append(_ASYNC)
+    threads = _threads_phrase(pair["runs"]["issgd"])
+    if threads:
+        lines.append(f"- every run: {threads.lstrip('; ')}")
     return "\n".join(lines)
 
 

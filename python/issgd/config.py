@@ -37,6 +37,7 @@ class TrainConfig:
     resume: str | None = None
     out: str = "runs/issgd"
     seed: int = 0
+    seeds: int = 1  # a comparison (`issgd train --mode both`) runs paired seeds seed, seed+1, ..., seed+seeds-1
     device: str = "cpu"
     backend: str = "auto"
     progress: bool = True
@@ -63,7 +64,8 @@ class TrainConfig:
                   ("worker_threads", self.worker_threads >= 1, "must be >= 1"),
                   ("master_threads", self.master_threads is None or self.master_threads >= 1, "must be >= 1"),
                   ("worker_timeout", self.worker_timeout > 0, "must be > 0"),
-                  ("startup_timeout", self.startup_timeout > 0, "must be > 0")]
+                  ("startup_timeout", self.startup_timeout > 0, "must be > 0"),
+                  ("seeds", self.seeds >= 1, "must be >= 1")]
         for name, ok, message in checks:
             if not ok:
                 raise ConfigError(name, f"{name} {message}, got {getattr(self, name)!r}"

@@ -4,10 +4,16 @@
 * ``mnist``     the official IDX files (``train-images-idx3-ubyte`` ... , optionally ``.gz``) in --data-dir.
 * ``svhn``      the official cropped-digits ``train_32x32.mat`` / ``test_32x32.mat`` in --data-dir.
 * ``synthetic`` a seeded Gaussian-mixture classification problem with label noise (no files).
+* ``longtail``  a generated long-tailed mixture (no files): 30,000 examples in 64 dimensions (shaped
+                1x8x8) from 1,000 Gaussian sub-clusters with Zipf sizes, each labelled with one of 10
+                classes; the rarer a sub-cluster, the wider. Most examples lie in a few large, tight
+                sub-clusters and are fitted early; the rest are few, spread out and hard, so
+                per-example gradient norms stay heavy-tailed for the whole run. No label is flipped.
+                The examples are the same for every seed (the seed picks the split); see ``_longtail``.
 
-The validation split is a held-out 20 % of digits and synthetic, and the official test files of
-mnist and svhn. Inputs are standardized with training-set statistics (per feature for digits and
-synthetic, per channel for mnist and svhn). ``flatten=True`` gives the permutation-invariant
+The validation split is a held-out 20 % of digits, synthetic and longtail, and the official test files
+of mnist and svhn. Inputs are standardized with training-set statistics (per feature for digits,
+synthetic and longtail, per channel for mnist and svhn). ``flatten=True`` gives the permutation-invariant
 (N, C*H*W) view the paper's MLP uses.
 """
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATASETS = ("digits", "mnist", "svhn", "synthetic")
+DATASETS = ("digits", "longtail", "mnist", "svhn", "synthetic")
 
 MNIST_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
                "valid_images": "t10k-images-idx3-ubyte", "valid_labels": "t10k-labels-idx1-ubyte"}
@@ -54,6 +60,9 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, flatten: bool
         data = _split_and_standardize(name, x, y, seed, per_channel=False)
     elif name == "synthetic":
         x, y = _synthetic(synthetic_size, seed)
+        data = _split_and_standardize(name, x, y, seed, per_channel=False)
+    elif name == "longtail":
+        x, y = _longtail()
         data = _split_and_standardize(name, x, y, seed, per_channel=False)
     elif name == "mnist":
         root = _data_root(name, data_dir, list(MNIST_FILES.values()))
@@ -98,6 +107,28 @@ def _synthetic(n: int, seed: int, side: int = 8, classes: int = 10):
     flip = torch.rand(n, generator=gen) < 0.05
     y = torch.where(flip, torch.randint(0, classes, (n,), generator=gen), y)
     return x.reshape(n, 1, side, side), y
+
+
+def _longtail(n: int = 30_000, clusters: int = 1_000, classes: int = 10, side: int = 8,
+              sigma: tuple[float, float] = (0.5, 2.0), return_clusters: bool = False):
+    """The ``longtail`` task. Sub-cluster c (c = 0 .. clusters-1, by decreasing size) has probability
+    proportional to 1/(c+1) (Zipf, exponent 1), a mean drawn from N(0, I) in side*side dimensions, a
+    label drawn uniformly from the classes, and standard deviation rising linearly from sigma[0] (the
+    largest) to sigma[1] (the rarest). With these defaults the largest sub-cluster holds 13 % of the
+    examples, half of all examples fall in the largest 24, and 610 sub-clusters have at most 10 examples
+    each (12 % of the examples); the classes are imbalanced (6.2 % to 17.3 % of the examples). The
+    generator's seed is fixed, so every run, whatever its seed, trains on the same examples.
+    ``return_clusters=True`` also returns each example's sub-cluster."""
+    gen = torch.Generator().manual_seed(20151120)
+    d = side * side
+    means = torch.randn(clusters, d, generator=gen)
+    labels = torch.randint(0, classes, (clusters,), generator=gen)
+    zipf = 1.0 / torch.arange(1, clusters + 1, dtype=torch.float64)
+    cluster = torch.multinomial(zipf / zipf.sum(), n, replacement=True, generator=gen)
+    spread = torch.linspace(sigma[0], sigma[1], clusters)
+    x = means[cluster] + spread[cluster, None] * torch.randn(n, d, generator=gen)
+    x, y = x.reshape(n, 1, side, side), labels[cluster]
+    return (x, y, cluster) if return_clusters else (x, y)
 
 
 def _data_root(name: str, data_dir, expected: list[str]) -> Path:

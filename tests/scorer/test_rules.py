@@ -42,7 +42,7 @@ def _targets(batch, classes=3, device="cpu"):
 
 def test_rules_registered():
     for cls in (nn.Embedding, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
-                nn.InstanceNorm3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+                nn.InstanceNorm3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RNN, nn.LSTM, nn.GRU):
         assert cls in RULES, cls.__name__
 
 

@@ -7,5 +7,6 @@
 | embedding.py | nn.Embedding, nn.EmbeddingBag                                  |
 | norm.py      | LayerNorm, RMSNorm, GroupNorm, InstanceNorm, BatchNorm (eval), |
 |              | PReLU                                                          |
+| recurrent.py | nn.RNN, nn.LSTM, nn.GRU                                        |
 """
-from isgd_kernels.scorer.rules import conv, embedding, linear, norm  # noqa: F401  (each registers itself)
+from isgd_kernels.scorer.rules import conv, embedding, linear, norm, recurrent  # noqa: F401  (each registers itself)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from isgd_kernels._checks import accumulation_dtype
+from isgd_kernels.scorer.parts import EmbeddingPart, embedding_sq_norms
 from isgd_kernels.scorer.registry import LayerCapture, register_rule
 
 
@@ -21,19 +22,8 @@ def embedding_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -
     sparse=True changes the gradient's layout only. scale_grad_by_freq is refused: it divides each
     row's gradient by the token's count in the whole mini-batch, which couples examples.
     """
-    module = cap.module
-    if module.scale_grad_by_freq:
-        raise ValueError(
-            f"GradNormScorer: {cap.label} has scale_grad_by_freq=True: PyTorch divides each row's "
-            "gradient by that token's frequency in the whole mini-batch, so one example's gradient depends "
-            "on the other examples and per-example gradient norms are not defined. Build the embedding "
-            "with scale_grad_by_freq=False to score it, or freeze it (requires_grad_(False)).")
-    idx = cap.first_input()
+    module, idx = cap.module, _checked_indices(cap, grad_output)
     batch, dim = idx.shape[0], module.embedding_dim
-    if grad_output.shape != (*idx.shape, dim):
-        raise ValueError(f"GradNormScorer: {cap.label}: indices {tuple(idx.shape)} and gradient "
-                         f"of output {tuple(grad_output.shape)} do not match (expected indices shape + "
-                         f"({dim},))")
     acc = accumulation_dtype(grad_output.dtype)
     delta = grad_output.reshape(-1, dim).to(acc)  # (N, dim), N = B*T, rows in example-major order
     n = delta.shape[0]
@@ -43,29 +33,37 @@ def embedding_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -
     if module.padding_idx is not None:
         delta = delta * (tok != module.padding_idx).unsqueeze(1).to(acc)
     example = torch.arange(batch, device=tok.device).repeat_interleave(n // batch)
-    return _sq_norms_per_example(example, tok, delta, module.num_embeddings, batch)
+    return embedding_sq_norms(example, tok, delta, module.num_embeddings, batch)
 
 
-def _sq_norms_per_example(example: torch.Tensor, tok: torch.Tensor, rows: torch.Tensor, num_embeddings: int,
-                          batch: int) -> torch.Tensor:
-    """sum over the distinct (example, token) keys of ||sum of the rows with that key||^2, per example.
-
-    One sort of the keys gives segment ids of equal keys. Static sizes throughout (at most N segments),
-    so no host synchronization, unlike torch.unique."""
-    n = rows.shape[0]
-    keys = example * num_embeddings + tok
-    sorted_keys, order = keys.sort()
-    new_segment = torch.ones_like(sorted_keys, dtype=torch.long)
-    new_segment[1:] = (sorted_keys[1:] != sorted_keys[:-1]).long()
-    segment_sorted = new_segment.cumsum(0) - 1
-    segment = torch.empty_like(segment_sorted).scatter_(0, order, segment_sorted)  # per row, original order
-    sums = rows.new_zeros(rows.shape).index_add_(0, segment, rows)  # summed row per (example, token)
-    seg_example = torch.zeros(n, dtype=torch.long, device=tok.device).scatter_(0, segment, example)
-    # Unused segment slots are zero rows: they add 0 to example 0.
-    return rows.new_zeros(batch).index_add_(0, seg_example, sums.square().sum(1))
+def _checked_indices(cap: LayerCapture, grad_output: torch.Tensor) -> torch.Tensor:
+    module = cap.module
+    if module.scale_grad_by_freq:
+        raise ValueError(
+            f"GradNormScorer: {cap.label} has scale_grad_by_freq=True: PyTorch divides each row's "
+            "gradient by that token's frequency in the whole mini-batch, so one example's gradient depends "
+            "on the other examples and per-example gradient norms are not defined. Build the embedding "
+            "with scale_grad_by_freq=False to score it, or freeze it (requires_grad_(False)).")
+    idx, dim = cap.first_input(), module.embedding_dim
+    if grad_output.shape != (*idx.shape, dim):
+        raise ValueError(f"GradNormScorer: {cap.label}: indices {tuple(idx.shape)} and gradient "
+                         f"of output {tuple(grad_output.shape)} do not match (expected indices shape + "
+                         f"({dim},))")
+    return idx
 
 
-register_rule(nn.Embedding, embedding_rule)
+def embedding_grads(cap: LayerCapture, grad_output: torch.Tensor) -> dict:
+    """Example i's gradient as its looked-up rows and their delta rows (an EmbeddingPart)."""
+    module, idx = cap.module, _checked_indices(cap, grad_output)
+    batch, dim = idx.shape[0], module.embedding_dim
+    delta = grad_output.reshape(batch, -1, dim)
+    tok = idx.reshape(batch, -1).long()
+    if module.padding_idx is not None:
+        delta = delta * (tok != module.padding_idx).unsqueeze(2).to(delta.dtype)
+    return {"weight": EmbeddingPart(tok, delta, module.num_embeddings)}
+
+
+register_rule(nn.Embedding, embedding_rule, grads=embedding_grads)
 
 
 # -------------------------------------------------------------------------------------- EmbeddingBag
@@ -114,7 +112,7 @@ def embedding_bag_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: st
         coef = coef / count.clamp_min(1)[bag]
     if tok.numel() == 0:
         return delta_sq.new_zeros(bags)
-    coef_sq = _sq_norms_per_example(bag, tok, coef.unsqueeze(1), module.num_embeddings, bags)
+    coef_sq = embedding_sq_norms(bag, tok, coef.unsqueeze(1), module.num_embeddings, bags)
     return delta_sq * coef_sq
 
 
