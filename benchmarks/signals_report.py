@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from benchmarks.harness import figure, measure_side_by_side, write_results
 
-DATASETS = ("digits", "synthetic")
+DATASETS = ("digits", "synthetic", "longtail")
 CHUNK = 2048
 
 
