@@ -437,9 +437,10 @@ def worker_entry(local_index: int, device: str, job: bytes) -> None:
     try:
         job = pickle.loads(job)
     except (AttributeError, ImportError) as exc:
-        raise RuntimeError(f"scoring worker {local_index + 1} cannot rebuild the model, data or loss it was sent ({exc}): "
-                           "classes and functions defined in an interactive session or a notebook do not reach spawned "
-                           "processes; define them in a module (a .py file) and import them from there") from exc
+        raise RuntimeError(f"scoring worker {local_index + 1} cannot rebuild the model, data or loss it was sent "
+                           f"({exc}): classes and functions defined in an interactive interpreter or a notebook do not "
+                           "reach spawned processes; define them in a module (a .py file) and import them from there") \
+            from exc
     run_worker(job)
 
 
