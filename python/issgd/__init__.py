@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 # not use before it has lowered its priority.
 _EXPORTS = {"ImportanceSampler": "issgd.sampler", "Batch": "issgd.sampler", "train_step": "issgd.sampler",
             "fit": "issgd.fitting", "FitResult": "issgd.fitting", "SIGNALS": "issgd.signals",
-            "SpecError": "issgd.sources"}
+            "SpecError": "issgd.sources", "StartupError": "issgd.distributed"}
 __all__ = sorted(_EXPORTS)
 
 
