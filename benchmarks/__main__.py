@@ -1,6 +1,6 @@
 """Run the benchmark groups and write their tables (CSV, JSON, Markdown, PNG).
 
-    python -m benchmarks [--device cpu|cuda] [--quick] [--only field,models,conv,scorer,linear,sampler,trainer]
+    python -m benchmarks [--device cpu|cuda] [--quick] [--only field,models,conv,scorer,linear,sampler,trainer,signals]
                          [--out DIR | --publish]
 
 Results go to runs/benchmarks/<device>/ (gitignored scratch) by default, or to --out DIR. Only
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import field, harness, norms, sampler_report, trainer_report
+from benchmarks import field, harness, norms, sampler_report, signals_report, trainer_report
 from benchmarks.workloads import model_workloads
 
 GROUPS = {
@@ -29,6 +29,7 @@ GROUPS = {
     "linear": (norms.run_linear, norms.report_linear),
     "sampler": (sampler_report.run, sampler_report.report),
     "trainer": (trainer_report.run, trainer_report.report),
+    "signals": (signals_report.run, signals_report.report),
 }
 
 

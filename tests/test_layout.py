@@ -23,7 +23,7 @@ def test_import_contracts_hold():
 
 
 @pytest.mark.parametrize("module", ["isgd_kernels.scorer.rules.conv", "isgd_kernels.alias.sampler",
-                                    "issgd.distributed", "issgd.job"])
+                                    "issgd.distributed", "issgd.job", "issgd.sampler", "issgd.fitting"])
 def test_modules_that_were_in_cycles_import_first_in_a_fresh_interpreter(module):
     """A rule module, the sampler and the worker's entry modules load when imported first in a new process
     (a worker imports issgd.distributed first; the rules once needed the scorer imported before them)."""

@@ -9,6 +9,8 @@ from pathlib import Path
 from isgd_kernels import BACKENDS
 from issgd.data import DATASETS
 from issgd.models import MODELS
+from issgd.signals import SIGNALS
+from issgd.sources import is_import_string
 
 BACKEND_CHOICES = ("auto",) + BACKENDS
 DEVICE_CHOICES = ("cpu", "cuda")
@@ -22,6 +24,15 @@ def _int_list(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive widths, got {text!r}")
     return values
+
+
+def _builtin_or_import_string(names: tuple[str, ...]):
+    def parse(text: str) -> str:
+        if text in names or is_import_string(text):
+            return text
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(names)} or an import string "
+                                         f"'package.module:factory', got {text!r}")
+    return parse
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -46,15 +57,26 @@ def _add_train(sub) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=128, help="examples per master step (drawn with replacement)")
     g.add_argument("--lr", type=float, default=0.01, help="learning rate")
     g.add_argument("--momentum", type=float, default=0.95, help="Nesterov momentum (0: plain SGD)")
-    g.add_argument("--smoothing", type=float, default=0.1, help="c in the proposal w_i = ||g_i|| + c")
+    g.add_argument("--score", choices=SIGNALS, default="grad_norm",
+                   help="scoring signal s_i: the gradient norm of all parameters (the paper's), of the last "
+                        "nn.Linear only (a forward and the loss gradient), or the loss (a forward)")
+    g.add_argument("--smoothing", type=float, default=0.1, help="c in the proposal w_i = s_i + c")
     g.add_argument("--refresh-every", type=int, default=32,
                    help="K: master steps between weight refreshes and parameter pushes")
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", choices=DATASETS, default="digits",
-                   help="digits is bundled with scikit-learn; longtail and synthetic are generated; mnist and svhn "
-                        "read the official files from --data-dir")
+    g.add_argument("--dataset", type=_builtin_or_import_string(DATASETS), default="digits",
+                   metavar="NAME|MODULE:FACTORY",
+                   help=f"one of {', '.join(DATASETS)} (digits is bundled with scikit-learn; longtail and synthetic are "
+                        "generated; mnist and svhn read the official files from --data-dir), or an import string package.module:factory naming a "
+                        "zero-argument factory that returns a map-style Dataset of (input, target) items or a "
+                        "(train, valid) pair of them")
     g.add_argument("--data-dir", help="folder with the official mnist / svhn files")
-    g.add_argument("--model", choices=MODELS, default="mlp", help="a flattened MLP or a 3-layer CNN on images")
+    g.add_argument("--model", type=_builtin_or_import_string(MODELS), default="mlp",
+                   metavar="NAME|MODULE:FACTORY",
+                   help=f"one of {', '.join(MODELS)} (a flattened MLP or a 3-layer CNN on a built-in data set's "
+                        "images), or an import string package.module:factory naming an nn.Module or a "
+                        "zero-argument factory returning one; trained with per-example cross-entropy over the "
+                        "output's last dim")
     g.add_argument("--hidden", type=_int_list, default="256,256", help="MLP hidden widths, comma-separated")
     g = p.add_argument_group("scoring")
     g.add_argument("--workers", type=int, default=0,
@@ -137,14 +159,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _train(parser: argparse.ArgumentParser, args) -> int:
+    import os
+
     from issgd.compare import run_comparison
-    from issgd.distributed import StartupError, launched_by_torchrun, run_worker
     from issgd.config import ConfigError
+    from issgd.distributed import StartupError, launched_by_torchrun
+    from issgd.sources import SpecError
     from issgd.trainer import TrainConfig, Trainer
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    fields = ("steps", "batch_size", "lr", "momentum", "smoothing", "refresh_every", "dataset", "data_dir", "model",
+    fields = ("score", "steps", "batch_size", "lr", "momentum", "smoothing", "refresh_every", "dataset", "data_dir", "model",
               "hidden", "workers", "chunk_size", "worker_threads", "master_threads", "worker_timeout", "startup_timeout", "diag_every",
               "diag_examples", "checkpoint_every", "resume", "out", "seed", "seeds", "device", "backend")
     values = {f: getattr(args, f) for f in fields}
@@ -160,14 +185,10 @@ def _train(parser: argparse.ArgumentParser, args) -> int:
     problem = _unwritable(Path(config.out))
     if problem:
         parser.error(f"argument --out: {config.out} {problem}")
-    if launched_by_torchrun():
-        import os
-
-        if args.mode != "issgd":
-            parser.error("under torchrun use --mode issgd (ranks 1.. are its scoring workers)")
-        if int(os.environ["RANK"]) != 0:
-            run_worker(config)
-            return 0
+    if launched_by_torchrun() and args.mode != "issgd":
+        parser.error("under torchrun use --mode issgd (ranks 1.. are its scoring workers)")
+    if os.getcwd() not in sys.path:  # import strings name modules of the current folder, as with `python -m`
+        sys.path.insert(0, os.getcwd())
     try:
         if args.mode == "both":
             result = run_comparison(config)
@@ -187,6 +208,9 @@ def _train(parser: argparse.ArgumentParser, args) -> int:
                       "(--master-threads to change)")
             print(f"\nwrote {config.out}/metrics.jsonl, " + ("metrics.png and " if trainer.records else "")
                   + "summary.json")
+    except SpecError as exc:
+        print(f"issgd train: error: argument --{exc.argument.replace('_', '-')}: {exc.detail}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError, FloatingPointError) as exc:
         print(f"issgd train: error: {exc}", file=sys.stderr)
         return 2

@@ -3,15 +3,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from issgd.data import DATASETS
+from issgd.models import MODELS
+from issgd.signals import SIGNALS
+from issgd.sources import is_import_string
+
 MODES = ("issgd", "usgd")
 
 
 @dataclass
 class TrainConfig:
     mode: str = "issgd"
-    dataset: str = "digits"
+    score: str = "grad_norm"  # the scoring signal (issgd.signals)
+    dataset: str = "digits"  # a built-in name or an import string "package.module:factory" (issgd.sources)
     data_dir: str | None = None
-    model: str = "mlp"
+    model: str = "mlp"  # likewise
     hidden: tuple[int, ...] = (256, 256)
     steps: int = 2000
     batch_size: int = 128
@@ -40,6 +46,13 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Raises ConfigError naming the first field out of range."""
         checks = [("mode", self.mode in MODES, f"must be one of {MODES}, got {self.mode!r}"),
+                  ("score", self.score in SIGNALS, f"must be one of {', '.join(SIGNALS)}, got {self.score!r}"),
+                  ("model", self.model in MODELS or is_import_string(self.model),
+                   f"must be one of {', '.join(MODELS)} or an import string 'package.module:factory', got "
+                   f"{self.model!r}"),
+                  ("dataset", self.dataset in DATASETS or is_import_string(self.dataset),
+                   f"must be one of {', '.join(DATASETS)} or an import string 'package.module:factory', got "
+                   f"{self.dataset!r}"),
                   ("steps", self.steps >= 0, "must be >= 0"), ("batch_size", self.batch_size >= 1, "must be >= 1"),
                   ("lr", self.lr > 0, "must be > 0"), ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
                   ("smoothing", self.smoothing >= 0, "must be >= 0"),

@@ -31,20 +31,19 @@ import logging
 import math
 import multiprocessing
 import os
+import pickle
 import signal
 import socket
 import struct
 import tempfile
 import time
-from dataclasses import asdict
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from issgd.config import TrainConfig
-from issgd.scoring import XENT, ChunkCursor, ScoreResult, shard_of
+from issgd.scoring import ChunkCursor, ScoreResult, shard_of
 
 log = logging.getLogger("issgd")
 
@@ -65,6 +64,11 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def is_scoring_rank() -> bool:
+    """Under torchrun, ranks 1.. score; rank 0 trains."""
+    return launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0
+
+
 def rank_device(device: str, rank: int) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
@@ -77,8 +81,8 @@ class StartupError(RuntimeError):
 
 
 MAIN_GUARD = ("the script that starts training has no `if __name__ == \"__main__\":` guard: spawned workers re-run "
-              "it when they start (multiprocessing's spawn start method); put the code that calls "
-              "Trainer(...).run() under that guard")
+              "it when they start (multiprocessing's spawn start method); put the code that starts training "
+              "(ImportanceSampler or issgd.fit with workers, Trainer(...).run()) under that guard")
 # Set by the master before it spawns workers: a spawned child that re-runs an unguarded script writes there.
 BOOTSTRAP_REPORT = "ISSGD_BOOTSTRAP_REPORT"
 
@@ -175,26 +179,31 @@ class ScoringPool:
         self._waiting_since: dict[int, float | None] = {r: None for r in range(1, workers + 1)}
         self._warned: set[tuple[str, int]] = set()
         self._closed = False
+        self.error_files: list[str] = []
 
     # ---------------------------------------------------------------- start-up
     @classmethod
-    def spawn(cls, config, workers: int, device: torch.device, **kwargs) -> ScoringPool:
+    def spawn(cls, job: bytes, workers: int, device: str, *, startup_timeout: float = 120.0, **kwargs) -> ScoringPool:
         """Start ``workers`` scoring processes on this machine and become rank 0; the store listens on
-        127.0.0.1 only."""
+        127.0.0.1 only. ``job`` is the pickled ``issgd.job.WorkerJob`` each worker builds; ``device`` the
+        device spec the workers' devices derive from (``rank_device``)."""
         refuse_in_bootstrap()
-        store, port = loopback_store(max(config.startup_timeout, 60.0))
+        store, port = loopback_store(max(startup_timeout, 60.0))
         fd, report = tempfile.mkstemp(prefix="issgd-bootstrap-")
         os.close(fd)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(workers + 1), RANK="0")
         os.environ[BOOTSTRAP_REPORT] = report
         try:
-            ctx = mp.start_processes(worker_entry, args=(asdict(config),), nprocs=workers, join=False,
+            # The job travels as bytes: torch's multiprocessing pickler would move the tensors of a model or
+            # data set into shared memory, in place, so that a worker's writes would reach the master's copy.
+            ctx = mp.start_processes(worker_entry, args=(str(device), job), nprocs=workers, join=False,
                                      start_method="spawn")
         finally:
             os.environ.pop(BOOTSTRAP_REPORT, None)
-        pool = cls(store, workers, processes=ctx.processes, startup_timeout=config.startup_timeout,
+        pool = cls(store, workers, processes=ctx.processes, startup_timeout=startup_timeout,
                    bootstrap_report=report, **kwargs)
         pool.port = port
+        pool.error_files = ctx.error_files  # where a worker's exception goes (torch's spawn wrapper writes it)
         return pool
 
     @classmethod
@@ -233,9 +242,20 @@ class ScoringPool:
                 if f.read().strip() == "main-guard":
                     reason = f": {MAIN_GUARD}"
         if not reason and exitcode is not None and exitcode > 0:
-            reason = " (its traceback is above, on stderr)"
+            error = self.worker_error(rank)
+            reason = f": {error}" if error else " (its traceback is above, on stderr)"
         self._cleanup_report()
         return f"scoring worker {rank} exited during start-up ({how}){reason}"
+
+    def worker_error(self, rank: int) -> str | None:
+        """The last line of the exception a spawned worker exited with (None if it left none)."""
+        try:
+            with open(self.error_files[rank - 1], "rb") as f:
+                trace = pickle.load(f)  # a string, written by torch.multiprocessing's wrapper in our child
+        except (AttributeError, IndexError, TypeError, OSError, EOFError, pickle.UnpicklingError):
+            return None
+        lines = [line for line in str(trace).splitlines() if line.strip()]
+        return lines[-1].strip() if lines else None
 
     def _cleanup_report(self) -> None:
         if self.bootstrap_report:
@@ -336,8 +356,9 @@ class ScoringPool:
             rank = i + 1
             if not proc.is_alive() and ("dead", rank) not in self._warned:
                 self._warned.add(("dead", rank))
-                log.warning("scoring worker %d exited (exit code %s); training goes on, the weights of its "
-                            "shard keep their last values and age", rank, proc.exitcode)
+                error = self.worker_error(rank) if proc.exitcode and proc.exitcode > 0 else None
+                log.warning("scoring worker %d exited (exit code %s%s); training goes on, the weights of its "
+                            "shard keep their last values and age", rank, proc.exitcode, f": {error}" if error else "")
         for rank, since in self._waiting_since.items():
             if (since is not None and now - since > self.worker_timeout and ("dead", rank) not in self._warned
                     and ("silent", rank) not in self._warned):
@@ -376,6 +397,9 @@ class ScoringPool:
                 log.warning("scoring worker (pid %d) did not stop; killing it", proc.pid)
                 proc.kill()
                 proc.join(5.0)
+        for path in self.error_files:  # written only by a worker that raised
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -401,34 +425,38 @@ def _die_with_parent() -> None:
 
 
 # ---------------------------------------------------------------------- the worker process
-def worker_entry(local_index: int, config: dict) -> None:
+def worker_entry(local_index: int, device: str, job: bytes) -> None:
     """Entry point of a spawned worker (ranks 1..W)."""
     _die_with_parent()
     if os.getppid() == 1:  # the master died before the line above took effect
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the master decides
-    if config["device"].startswith("cpu"):
+    if device.startswith("cpu"):
         os.nice(WORKER_NICE)  # before the imports: they alone take seconds of CPU
     os.environ["RANK"] = str(local_index + 1)
-    run_worker(TrainConfig(**config))
-
-
-def run_worker(config: TrainConfig) -> None:
-    """Score this rank's shard, chunk by chunk, with the freshest parameters, until told to stop; start no
-    chunk while the master has paused the workers."""
-    from issgd.job import build_job  # imported here: a spawned worker lowers its priority first
-
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = rank_device(config.device, rank)
-    if device.type == "cpu":
-        torch.set_num_threads(config.worker_threads)
-        os.nice(max(0, WORKER_NICE - os.nice(0)))  # torchrun-launched workers were not niced yet
-    store = connect(rank, world_size, max(config.startup_timeout, 60.0))
     try:
-        job = build_job(config, device)
-        data, model, scorer = job.data, job.model, job.scorer
-        cursor = ChunkCursor(shard_of(rank, world_size - 1, len(data.x_train)), config.chunk_size)
-        delay = dict(config.slow_workers).get(rank, 0.0)
+        job = pickle.loads(job)
+    except (AttributeError, ImportError) as exc:
+        raise RuntimeError(f"scoring worker {local_index + 1} cannot rebuild the model, data or loss it was sent "
+                           f"({exc}): classes and functions defined in an interactive interpreter or a notebook do not "
+                           "reach spawned processes; define them in a module (a .py file) and import them from there") \
+            from exc
+    run_worker(job)
+
+
+def run_worker(job) -> None:
+    """Score this rank's shard of ``job`` (an ``issgd.job.WorkerJob``), chunk by chunk, with the freshest
+    parameters, until told to stop; start no chunk while the master has paused the workers."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = rank_device(job.device, rank)
+    if device.type == "cpu":
+        torch.set_num_threads(job.worker_threads)
+        os.nice(max(0, WORKER_NICE - os.nice(0)))  # torchrun-launched workers were not niced yet
+    store = connect(rank, world_size, max(job.startup_timeout, 60.0))
+    try:
+        data, model, signal_fn = job.build(device)
+        cursor = ChunkCursor(shard_of(rank, world_size - 1, len(data)), job.chunk_size)
+        delay = dict(job.slow_workers).get(rank, 0.0)
         store.set(f"{KEY_READY}{rank}", "1")
         version, scored = None, 0
         while not store.check([KEY_STOP]):
@@ -442,8 +470,7 @@ def run_worker(config: TrainConfig) -> None:
                 continue
             index = cursor.next()
             t0 = time.perf_counter()
-            dev_index = index.to(device)
-            norms = scorer.norms(data.x_train[dev_index], data.y_train[dev_index], XENT)
+            norms = signal_fn(*data.fetch(index), job.loss_fn)
             if delay:
                 time.sleep(delay)
             store.queue_push(QUEUE, ScoreResult(rank, version, index, norms, time.perf_counter() - t0).to_bytes())

@@ -14,9 +14,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
+import torch.nn.functional as F
 
-XENT = nn.CrossEntropyLoss(reduction="none")
+from issgd.sources import rows
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy, shape (B,): logits (B, C) with classes (B,), or (B, ..., C) with (B, ...),
+    averaged over the positions of each example (a sequence model's mean token loss). The CLI's loss."""
+    if outputs.dim() == 2:
+        return F.cross_entropy(outputs, targets, reduction="none")
+    losses = F.cross_entropy(outputs.flatten(0, -2), targets.flatten(), reduction="none")
+    return losses.view(outputs.shape[0], -1).mean(1)
+
+
+XENT = cross_entropy
 
 # Smallest weight relative to the mean weight: keeps q_i > 0 (unbiased) while bounding 1/(N q_i).
 WEIGHT_FLOOR = 1e-6
@@ -86,11 +98,12 @@ class ScoreBoard:
         self.version.copy_(state["version"])
 
 
-def score_in_chunks(scorer, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def score_in_chunks(scorer, x, y, chunk: int = 1024, loss_fn=XENT) -> torch.Tensor:
     """||g_i|| for all rows of x, chunk by chunk (bounded memory)."""
-    if len(x) == 0:
-        return torch.zeros(0, device=x.device)
-    return torch.cat([scorer.norms(x[i:i + chunk], y[i:i + chunk], XENT) for i in range(0, len(x), chunk)])
+    n = len(y)
+    if n == 0:
+        return torch.zeros(0, device=y.device)
+    return torch.cat([scorer.norms(rows(x, i, i + chunk), rows(y, i, i + chunk), loss_fn) for i in range(0, n, chunk)])
 
 
 class ChunkCursor:

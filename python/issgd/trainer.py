@@ -1,16 +1,14 @@
-"""The reference ISSGD trainer (docs/design.md, "The algorithm"): importance-sampled SGD as in Alain et al.
+"""The reference ISSGD trainer behind `issgd train` (docs/design.md, "The algorithm"): importance-sampled SGD as
+in Alain et al., with the paper's variance diagnostics, checkpoints and a summary.
 
-Every ``refresh_every`` (K) master steps the master takes in the norms the scorers have produced
-(inline, or from the distributed workers), turns them into weights w_i = ||g_i|| + c, rebuilds the
-alias table and publishes its parameters. Each step draws a batch of M examples with replacement
-from q_i = w_i / sum_j w_j and minimizes mean_m (l_{i_m} / (N q_{i_m})): an unbiased estimate of
-the full-batch gradient whatever the (positive) weights. ``mode="usgd"`` draws uniformly (with
-replacement) and is the same in every other respect.
+The trainer is a user of the library API: an ``ImportanceSampler`` draws its batches, scores (inline or with
+workers) and refreshes the weights every ``refresh_every`` steps, and ``train_step`` takes each step on the
+unbiased loss mean_m (l_{i_m} / (N q_{i_m})). ``mode="usgd"`` draws uniformly (with replacement) and is the
+same in every other respect.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -26,11 +24,12 @@ from tqdm import tqdm
 import isgd_kernels
 from isgd_kernels.scorer import evaluating
 from issgd.config import TrainConfig
-from issgd.diagnostics import loss_and_error, variance_diagnostics
-from issgd.distributed import ScoringPool, launched_by_torchrun, refuse_in_bootstrap
+from issgd.diagnostics import evaluate, loss_and_error, variance_diagnostics
+from issgd.distributed import is_scoring_rank, launched_by_torchrun, refuse_in_bootstrap
 from issgd.job import build_job
 from issgd.report import to_json
-from issgd.scoring import XENT, ChunkCursor, ScoreBoard
+from issgd.sampler import ImportanceSampler, train_step, weighted_mean
+from issgd.sources import IndexedData
 from issgd.threads import master_threads, usable_cores
 
 __all__ = ["TrainConfig", "Trainer"]
@@ -65,7 +64,7 @@ class Trainer:
             raise ValueError("--device cuda, but torch sees no CUDA device")
         self.distributed = launched_by_torchrun()
         self.workers = int(os.environ["WORLD_SIZE"]) - 1 if self.distributed else config.workers
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and not is_scoring_rank():  # a scoring rank sets its own threads
             # Local scoring workers (spawned, on this machine's CPU) get their own cores; under torchrun the
             # ranks are placed by the launcher.
             if self.distributed:  # torchrun's ranks on this machine, less the master itself
@@ -77,16 +76,21 @@ class Trainer:
             log.info("master: %d CPU threads (%d usable cores)", self.threads, usable_cores())
         else:
             self.threads = torch.get_num_threads()
-        job = build_job(config, self.device)
-        self.data, self.model, self.scorer = job.data, job.model, job.scorer
-        self.n = len(self.data.x_train)
+        job = build_job(config)
+        self.data, self.loss_fn = job.data, job.loss_fn  # data: the built-in data set's tensors (None if imported)
+        # Under torchrun, a scoring rank serves inside this constructor and exits when the master is done.
+        self.sampler = ImportanceSampler(
+            job.model, job.dataset, job.loss_fn, batch_size=config.batch_size, score=config.score,
+            smoothing=config.smoothing, refresh_every=config.refresh_every, workers=config.workers,
+            chunk_size=config.chunk_size, worker_threads=config.worker_threads, device=config.device,
+            backend=config.backend, seed=config.seed + 1, uniform=config.mode == "usgd",
+            startup_timeout=config.startup_timeout, worker_timeout=config.worker_timeout,
+            slow_workers=config.slow_workers)
+        self.model, self.n = self.sampler.model, self.sampler.n
+        self.scorer = isgd_kernels.GradNormScorer(self.model, backend=config.backend)  # diagnostics' fresh norms
+        self.valid = IndexedData(self.sampler.valid, self.device) if self.sampler.valid is not None else None
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                          nesterov=config.momentum > 0)
-        self.board = ScoreBoard(self.n, config.smoothing)
-        self.cursor = ChunkCursor(torch.arange(self.n), config.chunk_size)  # inline scoring (workers = 0)
-        self.generator = torch.Generator(self.device).manual_seed(config.seed + 1)
-        self.table: isgd_kernels.AliasTable | None = None
-        self.pool: ScoringPool | None = None
         self.step = 0
         self.seconds = 0.0  # training wall-clock: excludes diagnostics and checkpoints
         self.records: list[dict] = []
@@ -95,6 +99,13 @@ class Trainer:
         self._losses: list[torch.Tensor] = []
         diag = torch.randperm(self.n, generator=torch.Generator().manual_seed(config.seed + 2))
         self.diag_index = diag[:config.diag_examples].sort().values.to(self.device)
+        self._diag_batch = None  # the diagnostics' examples, read once
+
+    # The sampler's state, under the names the tests and the fault hooks use.
+    board = property(lambda self: self.sampler.board)
+    generator = property(lambda self: self.sampler.generator)
+    pool = property(lambda self: self.sampler.pool)
+    table = property(lambda self: self.sampler.table, lambda self, table: setattr(self.sampler, "table", table))
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -105,11 +116,7 @@ class Trainer:
         else:
             (self.out / METRICS).write_text("")
         try:
-            if cfg.mode == "issgd" and self.workers > 0:
-                kw = {"worker_timeout": cfg.worker_timeout, "examples": self.n}
-                self.pool = (ScoringPool.from_torchrun(self.device, startup_timeout=cfg.startup_timeout, **kw)
-                             if self.distributed else ScoringPool.spawn(cfg, self.workers, self.device, **kw))
-                self.pool.start(self.model, self.step)
+            self.sampler.start()
             if self.step == 0 and cfg.diag_every:
                 with self._workers_paused():
                     self._diagnose()
@@ -140,8 +147,7 @@ class Trainer:
                     if cfg.checkpoint_every:
                         self._save_checkpoint()
         finally:
-            if self.pool is not None:
-                self.pool.close()
+            self.sampler.close()
         summary = self.summary()
         (self.out / "summary.json").write_text(to_json(summary, indent=1))
         if self.interrupted:
@@ -152,67 +158,48 @@ class Trainer:
 
     def _workers_paused(self):
         """Workers start no chunk while the master is away from training (diagnostics, checkpoints)."""
-        return self.pool.paused() if self.pool is not None else contextlib.nullcontext()
+        return self.sampler.paused()
 
     def _train_step(self) -> None:
-        if self.config.mode == "issgd" and (self.step % self.config.refresh_every == 0 or self.table is None):
-            self._refresh()
-        index, iw = self.draw_batch()
-        losses = XENT(self.model(self.data.x_train[index]), self.data.y_train[index])
-        loss = self.batch_loss(losses, iw)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self._losses.append(losses.detach().mean())
+        batch = self.sampler.next_batch()
+        losses = train_step(self.model, self.loss_fn, self.optimizer, batch)
+        self._losses.append(losses.mean())
         self.step += 1
         if self.on_step is not None:
-            self.on_step(self, self.step - 1, index)
+            self.on_step(self, self.step - 1, batch.index)
 
-    def draw_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """M example indices drawn with replacement, with their loss scales 1/(N q_i) (None: uniform)."""
-        if self.config.mode == "issgd":
-            return self.table.sample_with_weights(self.config.batch_size, generator=self.generator)
-        return torch.randint(self.n, (self.config.batch_size,), generator=self.generator, device=self.device), None
+    def draw_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """M example indices drawn with replacement from the current weights, with their 1/(N q_i)."""
+        return self.sampler.draw()
 
     @staticmethod
     def batch_loss(losses: torch.Tensor, iw: torch.Tensor | None) -> torch.Tensor:
         """mean_m l_{i_m} / (N q_{i_m}): its gradient is an unbiased estimate of the full gradient."""
-        return losses.mean() if iw is None else (losses * iw).mean()
-
-    def _refresh(self) -> None:
-        """Take in new norms, rebuild the alias table, publish the parameters (every K steps)."""
-        if self.pool is not None:
-            for result in self.pool.collect():
-                self.board.update(result.index, result.norms, result.version)
-            self.pool.publish(self.model, self.step)
-        else:
-            index = self.cursor.next()
-            dev_index = index.to(self.device)
-            norms = self.scorer.norms(self.data.x_train[dev_index], self.data.y_train[dev_index], XENT)
-            self.board.update(index, norms, self.step)
-        weights = self.board.weights().to(self.device)
-        if self.table is None:
-            self.table = isgd_kernels.AliasTable(weights, backend=self.config.backend)
-        else:
-            self.table.rebuild_(weights)
+        return weighted_mean(losses, iw)
 
     # ------------------------------------------------------------------ diagnostics
     def _diagnose(self) -> dict:
         cfg = self.config
-        x, y = self.data.x_train[self.diag_index], self.data.y_train[self.diag_index]
-        weights = (self.board.weights() if cfg.mode == "issgd" else torch.ones(self.n, dtype=torch.float64))
+        if self._diag_batch is None:
+            self._diag_batch = self.sampler.data.fetch(self.diag_index)
+        x, y = self._diag_batch
+        weights = self.sampler.weights()
         rec = {"step": self.step, "epoch": self.step * cfg.batch_size / self.n, "seconds": self.seconds}
-        rec.update(variance_diagnostics(self.model, self.scorer, x, y, weights.to(self.device)[self.diag_index]))
+        rec.update(variance_diagnostics(self.model, self.scorer, x, y, weights.to(self.device)[self.diag_index],
+                                        loss_fn=self.loss_fn))
         with evaluating(self.model):
-            rec["train_loss"], rec["train_error"] = loss_and_error(self.model, x, y)
-            rec["valid_loss"], rec["valid_error"] = loss_and_error(self.model, self.data.x_valid, self.data.y_valid)
+            rec["train_loss"], rec["train_error"] = loss_and_error(self.model, x, y, loss_fn=self.loss_fn)
+        no_valid = (float("nan"), float("nan"))
+        rec["valid_loss"], rec["valid_error"] = (evaluate(self.model, self.valid, self.loss_fn)
+                                                 if self.valid is not None else no_valid)
         rec["batch_loss"] = float(torch.stack(self._losses).mean()) if self._losses else float("nan")
         self._losses.clear()
         if cfg.mode == "issgd":
             rec.update(self.board.staleness(self.step))
-        if self.pool is not None:
-            rec.update(sync_seconds=self.pool.sync_seconds, scored_examples=self.pool.scored_examples,
-                       workers_alive=len(self.pool.alive()))
+        stats = self.sampler.stats()
+        if stats:
+            rec.update(sync_seconds=stats["sync_seconds"], scored_examples=stats["scored_examples"],
+                       workers_alive=stats["workers_alive"])
         if not all(map(_finite, (rec["train_loss"], rec["sqrt_tr_uniform"]))):
             raise FloatingPointError(f"training diverged at step {self.step} (train loss {rec['train_loss']}); "
                                      "lower --lr or raise --smoothing")
@@ -231,23 +218,25 @@ class Trainer:
                "mean_ratio_ideal_to_uniform": _mean(_ratio(r, "sqrt_tr_ideal") for r in recs),
                "mean_ratio_actual_to_uniform": _mean(_ratio(r, "sqrt_tr_actual") for r in recs),
                "mean_staleness": _mean(r.get("staleness_mean") for r in recs) if cfg.mode == "issgd" else None,
+               "score": cfg.score if cfg.mode == "issgd" else None,
                "device": str(self.device), "workers": self.workers if cfg.mode == "issgd" else 0,
                "master_threads": self.threads, "usable_cores": usable_cores(),
                "torch": torch.__version__, "interrupted": self.interrupted, "resume_changes": self.resume_changes}
-        if self.pool is not None:
-            busy = sum(self.pool.worker_seconds.values())
-            out.update(sync_seconds=self.pool.sync_seconds, scored_examples=self.pool.scored_examples,
-                       rejected_messages=self.pool.rejected,
-                       scoring_examples_per_second=self.pool.scored_examples / self.seconds if self.seconds else None,
-                       scoring_examples_per_worker_second=self.pool.scored_examples / busy if busy else None)
+        stats = self.sampler.stats()
+        if stats:
+            busy, scored = stats["worker_seconds"], stats["scored_examples"]
+            out.update(sync_seconds=stats["sync_seconds"], scored_examples=scored,
+                       rejected_messages=stats["rejected_messages"],
+                       scoring_examples_per_second=scored / self.seconds if self.seconds else None,
+                       scoring_examples_per_worker_second=scored / busy if busy else None)
         return out
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self) -> None:
         state = {"config": asdict(self.config), "step": self.step, "seconds": self.seconds,
                  "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "board": self.board.state_dict(), "cursor": self.cursor.position,
-                 "rng": {"torch": torch.get_rng_state(), "sampler": self.generator.get_state(),
+                 "sampler": self.sampler.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                  "losses": [float(x) for x in self._losses], "records": self.records,
                  "resume_changes": self.resume_changes}
@@ -272,7 +261,10 @@ class Trainer:
             state = torch.load(path, map_location=self.device, weights_only=True)
             if not isinstance(state, dict):
                 raise TypeError(f"holds a {type(state).__name__}")
-            missing = {"config", "step", "seconds", "model", "optimizer", "board", "cursor", "rng", "losses",
+            if "sampler" not in state and {"board", "cursor"} <= set(state):  # written before the sampler held these
+                state["sampler"] = {"board": state["board"], "cursor": state["cursor"], "step": state.get("step"),
+                                    "generator": state.get("rng", {}).get("sampler")}
+            missing = {"config", "step", "seconds", "model", "optimizer", "sampler", "rng", "losses",
                        "records"} - set(state)
             if missing:
                 raise KeyError(f"lacks {', '.join(sorted(missing))}")
@@ -280,30 +272,26 @@ class Trainer:
             raise CheckpointError(f"--resume: {path} is not a usable checkpoint ({_one_line(exc)}); "
                                   f"{fallback}") from None
         saved = state["config"]
-        for key in ("mode", "dataset", "model", "hidden", "batch_size", "smoothing", "refresh_every", "seed"):
-            if _as_plain(saved[key]) != _as_plain(getattr(self.config, key)):
-                raise ValueError(f"--resume: checkpoint {path} was written with {key}={saved[key]!r}, "
+        for key in ("mode", "dataset", "model", "hidden", "batch_size", "smoothing", "refresh_every", "seed", "score"):
+            was = saved.get(key, "grad_norm" if key == "score" else None)  # checkpoints before --score: grad_norm
+            if _as_plain(was) != _as_plain(getattr(self.config, key)):
+                raise ValueError(f"--resume: checkpoint {path} was written with {key}={was!r}, "
                                  f"this run has {key}={getattr(self.config, key)!r}")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-            self.board.load_state_dict(state["board"])
+            self.sampler.load_state_dict(state["sampler"])
         except (KeyError, RuntimeError, TypeError, ValueError) as exc:
             raise CheckpointError(f"--resume: {path} does not fit this model and data ({_one_line(exc)}); "
                                   f"{fallback}") from None
-        self.cursor.position = state["cursor"]
         self.step, self.seconds = state["step"], state["seconds"]
         self.resume_changes = list(state.get("resume_changes", []))
         self._apply_hyperparameters(path)
         torch.set_rng_state(state["rng"]["torch"])
-        self.generator.set_state(state["rng"]["sampler"].cpu() if self.device.type == "cpu" else state["rng"]["sampler"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self._losses = [torch.tensor(x) for x in state["losses"]]
         self.records = state["records"]
-        if self.config.mode == "issgd" and self.step % self.config.refresh_every != 0:
-            # The table is a pure function of the weights: rebuild it exactly as it was.
-            self.table = isgd_kernels.AliasTable(self.board.weights().to(self.device), backend=self.config.backend)
         with open(self.out / METRICS, "w") as f:  # drop what was logged after the checkpoint
             f.writelines(to_json(r) + "\n" for r in self.records)
         log.info("resumed from %s at step %d", path, self.step)

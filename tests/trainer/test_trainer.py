@@ -254,7 +254,9 @@ def test_cli_runs_a_comparison_and_writes_metrics_and_plots(tmp_path, capsys):
     (["--backend", "bogus"], "argument --backend: invalid choice: 'bogus'"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     (["--hidden", "64,x"], "comma-separated integers"),
-    (["--dataset", "imagenet"], "invalid choice"),
+    (["--dataset", "imagenet"], "argument --dataset: expected one of digits"),
+    (["--model", "resnet"], "or an import string 'package.module:factory', got 'resnet'"),
+    (["--score", "entropy"], "argument --score: invalid choice: 'entropy'"),
     (["--mode", "both", "--resume"], "--resume continues one run"),
 ])
 def test_cli_rejects_bad_flags(argv, message, capsys):
