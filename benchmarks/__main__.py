@@ -1,6 +1,6 @@
 """Run the benchmark groups and write their tables (CSV, JSON, Markdown, PNG).
 
-    python -m benchmarks [--device cpu|cuda] [--quick] [--only field,conv,scorer,linear,sampler,trainer]
+    python -m benchmarks [--device cpu|cuda] [--quick] [--only field,conv,scorer,linear,sampler,trainer,transport]
                          [--out DIR | --publish]
 
 Results go to runs/benchmarks/<device>/ (gitignored scratch) by default, or to --out DIR. Only
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import field, harness, norms, sampler_report, trainer_report
+from benchmarks import field, harness, norms, sampler_report, trainer_report, transport_report
 
 GROUPS = {
     "field": (field.run, field.report),
@@ -23,6 +23,7 @@ GROUPS = {
     "linear": (norms.run_linear, norms.report_linear),
     "sampler": (sampler_report.run, sampler_report.report),
     "trainer": (trainer_report.run, trainer_report.report),
+    "transport": (transport_report.run, transport_report.report),
 }
 
 

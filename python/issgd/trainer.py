@@ -240,6 +240,7 @@ class Trainer:
                        rejected_messages=self.pool.rejected,
                        scoring_examples_per_second=self.pool.scored_examples / self.seconds if self.seconds else None,
                        scoring_examples_per_worker_second=self.pool.scored_examples / busy if busy else None)
+            out.update(self.pool.push_stats(self.seconds))
         return out
 
     # ------------------------------------------------------------------ checkpoints
