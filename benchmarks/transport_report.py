@@ -86,7 +86,7 @@ def _worker(local_index: int, port: int, size: str, rounds: int) -> None:
     for rnd in range(rounds):
         for transport in TRANSPORTS:
             if transport == "channels":
-                while receiver.receive(model) is None:
+                while receiver.take(model) is None:
                     time.sleep(0.0005)
             elif transport == "group broadcast":
                 group.broadcast([buf], opts).wait()
@@ -97,6 +97,15 @@ def _worker(local_index: int, port: int, size: str, rounds: int) -> None:
                 buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
                 layout.unpack(buf, model)
             store.set(_ack(store, transport, rnd, rank), "1")
+    store.wait(["bench/done"])  # the master closes the channels first: the standing receive ends
+    receiver.close()
+
+
+def _wait_for(store, keys: list[str], ctx) -> None:
+    """Until every key is set; a worker that failed raises here, with its traceback."""
+    while not store.check(keys):
+        ctx.join(0)
+        time.sleep(0.0005)
 
 
 def push_costs(size: str, rounds: int) -> list[dict]:
@@ -133,7 +142,7 @@ def push_costs(size: str, rounds: int) -> list[dict]:
                         store.set(f"bench/store/{rnd}/{i}", buf[start:start + STORE_CHUNK].numpy().tobytes())
                     store.set(f"bench/store/{rnd}", str(len(chunks)))
                 t1 = time.perf_counter()
-                store.wait([_ack(store, transport, rnd, r) for r in range(1, WORKERS + 1)])
+                _wait_for(store, [_ack(store, transport, rnd, r) for r in range(1, WORKERS + 1)], ctx)
                 t2 = time.perf_counter()
                 times[transport].append((t1 - t0, t2 - t0))
                 if transport == "group broadcast":
@@ -141,9 +150,10 @@ def push_costs(size: str, rounds: int) -> list[dict]:
                 if transport == "store chunks":
                     for i in range(len(chunks)):
                         store.delete_key(f"bench/store/{rnd}/{i}")
+        pusher.release_idle()
         pusher.close()
-        for proc in ctx.processes:
-            proc.join(60)
+        store.set("bench/done", "1")
+        ctx.join(60)
     finally:
         for proc in ctx.processes:
             if proc.is_alive():

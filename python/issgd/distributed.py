@@ -35,6 +35,7 @@ training; that shard's weights age. The store lives in the master's process (or 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
 import multiprocessing
@@ -207,6 +208,15 @@ def _broadcast_options(timeout: timedelta) -> dist.BroadcastOptions:
     return opts
 
 
+def _finish(work, backend: str, stop: threading.Event | None = None) -> None:
+    """Blocks until ``work`` has ended and raises what went wrong. NCCL's ``wait()`` only orders the current
+    CUDA stream after the operation, so there the host polls ``is_completed()`` first (until ``stop`` is set)."""
+    if backend == "nccl":
+        while not work.is_completed() and not (stop is not None and stop.is_set()):
+            time.sleep(0.001)
+    work.wait()
+
+
 def open_channel(store: dist.Store, worker: int, me: int, backend: str, *, loopback: bool, device: torch.device,
                  timeout: timedelta):
     """The two-rank process group that carries worker ``worker``'s parameters: the master is its rank 0, the
@@ -229,7 +239,7 @@ def open_channel(store: dist.Store, worker: int, me: int, backend: str, *, loopb
                          else dist.ProcessGroupGloo.create_default_device()]
         group = dist.ProcessGroupGloo(prefixed, me, 2, opts)
     probe = torch.zeros(1, device=device if backend == "nccl" else "cpu")
-    group.broadcast([probe], _broadcast_options(timeout)).wait()
+    _finish(group.broadcast([probe], _broadcast_options(timeout)), backend)
     return group
 
 
@@ -237,7 +247,8 @@ class ParameterPusher:
     """The master's end of the parameter transport. ``push`` never waits: it retires the pushes that have
     completed, packs the parameters once and posts an asynchronous broadcast on the channel of every worker
     whose previous push has completed; a worker whose push is still in flight is skipped. A channel whose
-    push failed (its worker exited) is given up, and its worker told so through the store."""
+    push failed, or whose worker exited with a push in flight, is given up, and its worker told so through the
+    store."""
 
     def __init__(self, store: dist.Store, layout: ParameterLayout, backend: str, device: torch.device):
         self.store = store
@@ -273,21 +284,40 @@ class ParameterPusher:
             try:
                 work.wait()  # complete already: returns at once, or raises what went wrong with the transfer
             except Exception as exc:  # noqa: BLE001  (whatever the failure, that channel is done for)
-                self.lost[worker] = _one_line(exc)
+                self._give_up(worker, _one_line(exc))
                 failed.append((worker, self.lost[worker]))
-                try:
-                    self.store.set(f"{KEY_GIVEN_UP}{worker}", self.lost[worker])
-                except Exception:  # noqa: BLE001  (the worker may be gone with its connection)
-                    pass
         return failed
+
+    def give_up(self, worker: int, why: str) -> None:
+        """No more pushes to ``worker`` (its process exited). A push still in flight to a worker that was
+        stopped when it was posted may never end (gloo does not fail it when the connection closes), so its
+        channel is set aside for good (see _keep_until_exit)."""
+        if worker in self.in_flight:
+            self._set_aside(worker)
+        self._give_up(worker, why)
+
+    def _set_aside(self, worker: int) -> None:
+        channel, (work, buf) = self.channels.pop(worker), self.in_flight.pop(worker)
+        if self.backend == "nccl":
+            channel.abort()
+        else:
+            _keep_until_exit(channel, work, buf)
+
+    def _give_up(self, worker: int, why: str) -> None:
+        self.lost[worker] = why
+        try:
+            self.store.set(f"{KEY_GIVEN_UP}{worker}", why)
+        except Exception:  # noqa: BLE001  (telling the worker is a courtesy: it may be gone)
+            pass
 
     def push(self, model: torch.nn.Module, version: int) -> tuple[list[int], list[tuple[int, str]]]:
         """Posts the parameters of ``version`` to every free worker; returns those workers and (worker, reason)
         for each push found to have failed."""
         t0 = time.perf_counter()
         failed = self.poll()
-        free = [w for w in self.channels if w not in self.lost and w not in self.in_flight]
-        self.skipped += len(self.channels) - len(self.lost) - len(free)
+        live = [w for w in self.channels if w not in self.lost]
+        free = [w for w in live if w not in self.in_flight]
+        self.skipped += len(live) - len(free)
         if free:
             buf = self._free_buffer()
             self.layout.pack(model, version, buf)
@@ -327,27 +357,30 @@ class ParameterPusher:
             del self.channels[worker]
 
     def close(self, grace: float = 2.0) -> None:
-        """Gives the pushes in flight ``grace`` seconds to end (those to workers that were just stopped fail as
-        soon as their connection closes), then lets the channels go. Destroying a gloo channel whose push is
-        still in flight would wait for that push, so such a channel is kept until the process exits (its
-        worker was stopped or hung to the end); an NCCL one is aborted."""
+        """Closes every channel once its push in flight has ended, waiting at most ``grace`` seconds (a push
+        to a worker that was just stopped fails as soon as its connection closes); a channel whose push is
+        still in flight then is set aside for good (see _keep_until_exit), an NCCL one aborted."""
         deadline = time.monotonic() + grace
+        self.release_idle()
         while self.in_flight and time.monotonic() < deadline:
-            self.poll()
             time.sleep(0.01)
-        for worker, (work, buf) in self.in_flight.items():
-            channel = self.channels[worker]
-            if self.backend == "nccl":
-                channel.abort()
-            else:
-                _UNFINISHED.append((channel, work, buf))
-        self.in_flight.clear()
+            self.release_idle()
+        for worker in list(self.in_flight):
+            self._set_aside(worker)
         self.channels.clear()
         self._buffers.clear()
 
 
-# Channels whose last push never ended (see ParameterPusher.close).
-_UNFINISHED: list = []
+def _keep_until_exit(*objects) -> None:
+    """Destroying a gloo channel joins its thread, which waits for the channel's operation in flight; a push
+    to a worker that is stopped or died while stopped may never end, so such a channel (with its Work and
+    buffer) is leaked on purpose, so that neither ``close()`` nor the interpreter's exit waits for it."""
+    for obj in objects:
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+    _SET_ASIDE.append(objects)
+
+
+_SET_ASIDE: list = []  # what _keep_until_exit leaked (for inspection)
 
 
 class ParameterReceiver:
@@ -366,6 +399,7 @@ class ParameterReceiver:
         self._taking: int | None = None  # the buffer ``take`` is copying from
         self._error: str | None = None
         self._cond = threading.Condition()
+        self._closing = threading.Event()
         self.received = 0
         self._thread = threading.Thread(target=self._receive, name=f"issgd-receive-{rank}", daemon=True)
         self._thread.start()
@@ -373,8 +407,13 @@ class ParameterReceiver:
     def _receive(self) -> None:
         slot, opts = 0, _broadcast_options(RECEIVE_TIMEOUT)
         try:
+            if self.backend == "nccl":
+                torch.cuda.set_device(self._buffers[0].device)  # a new thread starts on GPU 0
             while True:
-                self.channel.broadcast([self._buffers[slot]], opts).wait()  # releases the GIL while it waits
+                # Blocks this thread only (gloo's wait releases the GIL).
+                _finish(self.channel.broadcast([self._buffers[slot]], opts), self.backend, self._closing)
+                if self._closing.is_set():
+                    return
                 with self._cond:
                     self._newest, self.received, slot = slot, self.received + 1, 1 - slot
                     while self._taking == slot:
@@ -402,6 +441,7 @@ class ParameterReceiver:
     def close(self, timeout: float = 5.0) -> None:
         """Waits (at most ``timeout`` seconds) for the standing receive to end; the master closes its end of
         the channel when it stops the workers. An NCCL receive is aborted (NCCL does not see its peer go)."""
+        self._closing.set()
         if self.backend == "nccl":
             self.channel.abort()
         self._thread.join(timeout)
@@ -541,6 +581,11 @@ class ScoringPool:
         """Push the parameters of master step ``version`` to every worker that has taken in its last push;
         never waits."""
         t0 = time.perf_counter()
+        for rank in list(self.pusher.in_flight):
+            proc = self.processes[rank - 1] if self.processes is not None else None
+            if proc is not None and not proc.is_alive():
+                self.pusher.give_up(rank, f"its process exited (exit code {proc.exitcode})")
+                self._lose(rank, self.pusher.lost[rank])
         sent, failed = self.pusher.push(model, version)
         for rank, why in failed:
             self._lose(rank, why)
@@ -658,8 +703,9 @@ class ScoringPool:
                 and (self.processes is None or self.processes[r - 1].is_alive())]
 
     def close(self, timeout: float = 5.0) -> None:
-        """Tell the workers to stop, give them ``timeout`` seconds, then terminate and, if that does not
-        do it (a stopped or hung worker), SIGKILL them: closing never blocks on a worker."""
+        """Tell the workers to stop and close their parameter channels, give them ``timeout`` seconds, then
+        terminate and, if that does not do it (a stopped or hung worker), SIGKILL them: closing never blocks
+        on a worker."""
         if self._closed:
             return
         self._closed = True
@@ -668,10 +714,11 @@ class ScoringPool:
             self.store.set(KEY_STOP, "1")
         except Exception as exc:  # noqa: BLE001  (failing to signal must not mask the error being raised)
             log.debug("could not signal the workers to stop: %s", exc)
-        if self.pusher is not None:
-            self.pusher.release_idle()  # ends the workers' standing receives, so that they can exit now
-        deadline = time.monotonic() + timeout
         procs = self.processes or []
+        deadline = time.monotonic() + timeout
+        while self.pusher is not None and any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            self.pusher.release_idle()  # ends those workers' standing receives, so that they can exit
+            time.sleep(0.02)
         for proc in procs:
             proc.join(max(0.0, deadline - time.monotonic()))
         for proc in procs:
@@ -686,6 +733,9 @@ class ScoringPool:
                 proc.kill()
                 proc.join(5.0)
         if self.pusher is not None:
+            for rank in list(self.pusher.in_flight):  # pushes to workers that are gone now: nothing to wait for
+                if procs and not procs[rank - 1].is_alive():
+                    self.pusher.give_up(rank, "stopped at exit")
             self.pusher.close()
 
 
