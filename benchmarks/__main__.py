@@ -1,6 +1,6 @@
 """Run the benchmark groups and write their tables (CSV, JSON, Markdown, PNG).
 
-    python -m benchmarks [--device cpu|cuda] [--quick] [--only field,models,conv,scorer,linear,sampler,trainer,signals]
+    python -m benchmarks [--device cpu|cuda] [--quick] [--only field,models,conv,scorer,linear,sampler,trainer,signals,transport]
                          [--out DIR | --publish]
 
 Results go to runs/benchmarks/<device>/ (gitignored scratch) by default, or to --out DIR. Only
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import field, harness, norms, sampler_report, signals_report, trainer_report
+from benchmarks import field, harness, norms, sampler_report, signals_report, trainer_report, transport_report
 from benchmarks.workloads import model_workloads
 
 GROUPS = {
@@ -30,6 +30,7 @@ GROUPS = {
     "sampler": (sampler_report.run, sampler_report.report),
     "trainer": (trainer_report.run, trainer_report.report),
     "signals": (signals_report.run, signals_report.report),
+    "transport": (transport_report.run, transport_report.report),
 }
 
 

@@ -115,6 +115,11 @@ def comparison_text(c: dict, summaries: dict, config: TrainConfig) -> str:
                      f"({s['scoring_examples_per_second']:.0f}/s of training time, "
                      f"{s['scoring_examples_per_worker_second']:.0f}/s per busy worker); master sync time "
                      f"{s['sync_seconds']:.2f} s; mean staleness {fmt(s['mean_staleness'], '.1f')} steps")
+    if s.get("push_ms_per_refresh") is not None:
+        share = s["push_fraction"] * 100 if s.get("push_fraction") is not None else None
+        lines.append(f"- parameter push ({s['push_bytes'] / 1e6:.1f} MB): {s['push_ms_per_refresh']:.1f} ms of master "
+                     f"time per refresh ({fmt(s.get('push_mb_per_second'), '.0f')} MB/s), {fmt(share, '.2f')} % of "
+                     f"training time; {s['push_skipped']} pushes skipped (worker still taking in the previous one)")
     issgd_rate, usgd_rate = s["steps_per_second"], summaries["usgd"]["steps_per_second"]
     ratio = issgd_rate / usgd_rate if issgd_rate and usgd_rate else None
     lines.append(f"- master throughput: ISSGD {fmt(issgd_rate, '.0f')} steps/s, uniform SGD {fmt(usgd_rate, '.0f')} "

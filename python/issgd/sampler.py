@@ -233,6 +233,10 @@ class ImportanceSampler:
                 "sync_seconds": self.pool.sync_seconds, "rejected_messages": self.pool.rejected,
                 "worker_seconds": sum(self.pool.worker_seconds.values())}
 
+    def push_stats(self, train_seconds: float) -> dict:
+        """The parameter pushes' cost (ms per refresh, MB/s, share of ``train_seconds``); empty without workers."""
+        return self.pool.push_stats(train_seconds) if self.pool is not None else {}
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"board": self.board.state_dict(), "cursor": self.cursor.position, "step": self.step,

@@ -229,6 +229,7 @@ class Trainer:
                        rejected_messages=stats["rejected_messages"],
                        scoring_examples_per_second=scored / self.seconds if self.seconds else None,
                        scoring_examples_per_worker_second=scored / busy if busy else None)
+            out.update(self.sampler.push_stats(self.seconds))
         return out
 
     # ------------------------------------------------------------------ checkpoints

@@ -8,7 +8,7 @@ import torch
 from issgd.cli import main
 from issgd.data import MNIST_FILES, SVHN_FILES, load_dataset
 from issgd.diagnostics import variance_diagnostics
-from issgd.distributed import pack_parameters, unpack_parameters_into
+from issgd.distributed import ParameterLayout
 from issgd.models import build_model
 from issgd.scoring import WEIGHT_FLOOR, XENT, ChunkCursor, ScoreBoard, ScoreResult
 from issgd.trainer import TrainConfig, Trainer
@@ -141,10 +141,12 @@ def test_score_result_and_parameters_round_trip():
     with pytest.raises(ValueError, match="malformed"):
         ScoreResult.from_bytes(r.to_bytes()[:-1])
     a, b = build_model("cnn", (1, 8, 8), 10), build_model("cnn", (1, 8, 8), 10)
-    assert unpack_parameters_into(b, pack_parameters(a, 33)) == 33
+    layout, buf = ParameterLayout(a), ParameterLayout(a).buffer()
+    layout.pack(a, 33, buf)
+    assert ParameterLayout(b).unpack(buf, b) == 33
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises(ValueError, match="different models"):
-        unpack_parameters_into(build_model("mlp", (1, 8, 8), 10), pack_parameters(a, 1))
+        ParameterLayout(build_model("mlp", (1, 8, 8), 10)).unpack(buf, build_model("mlp", (1, 8, 8), 10))
 
 
 def test_chunk_cursor_wraps_around():
