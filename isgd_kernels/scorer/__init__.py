@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from isgd_kernels._checks import accumulation_dtype
 from isgd_kernels.scorer import rules  # noqa: F401  (registers the built-in rules)
@@ -32,8 +32,8 @@ from isgd_kernels.scorer.rules.fallback import (autograd_fallback_rule, batched_
 from isgd_kernels.scorer.parts import LinearPart, sq_norm_of_sum
 from isgd_kernels.scorer.registry import (RULES, LayerCapture, Rule, UnsupportedModuleError, register_rule,
                                           supported_names)
-from isgd_kernels.scorer.uses import (DERIVED, ParameterUses, Probe, Reprobe, Use, judge_call, record_call,
-                                     tensor_outputs)
+from isgd_kernels.scorer.uses import (DERIVED, ParameterUses, Probe, Reprobe, Use, fingerprint, judge_call,
+                                     record_call, tensor_outputs)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -245,7 +245,7 @@ class GradNormScorer:
                     if self._probed is not None and self._probed[0] == signature:
                         _, verdicts, call_verdicts = self._probed
                     elif self.check_examples_separate and self._can_probe(batch):
-                        probe = self._run_probe(args, captures, batch)
+                        probe = self._run_probe(args, targets, loss_fn, captures, batch)
                     elif self.check_examples_separate and batch >= 2 and not self._warned_no_probe:
                         self._warned_no_probe = True
                         warnings.warn(
@@ -275,6 +275,12 @@ class GradNormScorer:
                         self._probed = (signature, list(uses.found), list(state.calls_found))
                     total.count_uses(captures, uses.uses)
                     self._check_losses(losses, batch)
+                    if probe is not None and not probe.losses_follow(losses.detach()):
+                        raise ValueError(
+                            "GradNormScorer: with the examples of the batch in reverse order, the per-example losses "
+                            "are not the same losses in reverse order: example i's loss depends on other examples, or "
+                            "dim 0 of the inputs is not the batch (an unbatched input, a sequence-first one). Pass "
+                            "batch-first inputs and a loss whose i-th entry depends on example i alone.")
                     if self.check_examples_separate:
                         _check_examples_separate(outputs, losses, batch)
                     if losses.requires_grad:
@@ -299,12 +305,19 @@ class GradNormScorer:
         return batch >= 2 and not any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
                                       for m in self.model.modules())
 
-    def _run_probe(self, args: tuple, captures: list[LayerCapture], batch: int) -> Probe:
-        """The forward on the batch in reverse order, recording what each candidate op and scored call gave."""
+    def _run_probe(self, args: tuple, targets, loss_fn: LossFn, captures: list[LayerCapture], batch: int) -> Probe:
+        """The forward and the loss on the batch in reverse order (tensors whose dim 0 is the batch, inputs and
+        targets, reordered), recording what each candidate op and scored call gave, and the losses."""
         perm = torch.arange(batch - 1, -1, -1, device=args[0].device)
         probe = Probe(perm)
-        permuted = tuple(a.index_select(0, perm.to(a.device)) if isinstance(a, torch.Tensor) and a.dim() > 0
-                         and a.shape[0] == batch else a for a in args)
+
+        def reorder(a):
+            if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch:
+                return a.index_select(0, perm.to(a.device))
+            return a
+
+        permuted = tuple(reorder(a) for a in args)
+        permuted_targets = tree_map(reorder, targets)
         handles = []
 
         uses = ParameterUses(self.model, captures, batch, record=probe)
@@ -329,7 +342,9 @@ class GradNormScorer:
             with torch.random.fork_rng(devices=[args[0].device] if args[0].is_cuda else []):
                 with uses:
                     try:
-                        self.model(*permuted)
+                        losses = loss_fn(self.model(*permuted), permuted_targets)
+                        if isinstance(losses, torch.Tensor):
+                            probe.losses = fingerprint(losses.detach())
                     except (ValueError, RuntimeError) as exc:
                         if isinstance(exc, UnsupportedModuleError) or str(exc).startswith("GradNormScorer"):
                             raise

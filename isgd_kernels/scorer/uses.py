@@ -60,6 +60,12 @@ class Probe:
     perm: torch.Tensor
     ops: list = field(default_factory=list)  # (op name, fingerprint)
     calls: list = field(default_factory=list)  # (module name, [fingerprint per output])
+    losses: tuple | None = None  # fingerprint of the per-example losses
+
+    def losses_follow(self, losses: torch.Tensor) -> bool:
+        """The probe's losses are `losses` in the probe's order (True when it recorded none)."""
+        return self.losses is None or _same(self.losses, fingerprint(losses), self.perm.to(losses.device),
+                                            losses.dtype)
 
 
 _PROJECTIONS: dict = {}

@@ -545,8 +545,13 @@ def test_scorer_refuses_unbatched_conv_input():
         def forward(self, x):  # (B, L) with B = C_in: Conv1d takes it as one unbatched (C, L) input
             return self.conv(x)
 
-    with pytest.raises(ValueError, match=r"module 'conv' \(Conv1d\) got a 2-D input"):
+    # The layout probe sees that the losses do not follow the batch order (dim 0 is the conv's channels).
+    with pytest.raises(ValueError, match=r"per-example losses are not the same losses in reverse order.*unbatched"):
         isgd_kernels.per_example_grad_norms(Unbatched(), lambda o, t: o.sum(1), torch.randn(3, 5), None)
+    # Unchecked, the Conv1d rule still refuses the 2-D input itself.
+    with pytest.raises(ValueError, match=r"module 'conv' \(Conv1d\) got a 2-D input"):
+        isgd_kernels.GradNormScorer(Unbatched(), check_examples_separate=False).norms(
+            torch.randn(3, 5), None, lambda o, t: o.sum(1))
 
 
 @pytest.mark.parametrize("n, kw", [

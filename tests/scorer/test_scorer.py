@@ -408,7 +408,7 @@ def test_sequence_first_output_is_refused_even_when_T_equals_B():
     def loss_fn(out, tgt):  # out (T, B, V): per-example losses sum over T (dim 0)
         return nn.functional.cross_entropy(out.permute(1, 2, 0), tgt.T, reduction="none").sum(1)
 
-    with pytest.raises(ValueError, match="not batch-first"):
+    with pytest.raises(ValueError, match="sequence-first"):  # the layout probe (first pass) sees it
         GradNormScorer(model).norms(tokens, torch.randint(0, 11, (T, B)), loss_fn)
 
 
