@@ -301,13 +301,7 @@ def plot_runs(runs: dict[str, list[dict]], path: str | Path, title: str = "") ->
             ax.yaxis.set_major_formatter(FuncFormatter(_percent))
             ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: _percent(v) if _leading_digit(v) in (2, 3, 5) else ""))
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_seeds(pairs: list[dict[str, list[dict]]], comparisons: list[dict], path: str | Path, title: str = "") -> Path:
@@ -363,13 +357,7 @@ def plot_seeds(pairs: list[dict[str, list[dict]]], comparisons: list[dict], path
     ax.set(ylabel="steps to that loss, ISSGD / uniform SGD", ylim=(0, ceiling + 0.1),
            title="Steps to uniform SGD's training loss (< 1: ISSGD faster)")
     ax.legend(fontsize=8, loc="lower right")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -405,3 +393,16 @@ def _percent(fraction: float, _=None) -> str:
 
 def _leading_digit(value: float) -> int:
     return round(value / 10 ** math.floor(math.log10(value))) if value > 0 else 0
+
+
+def _save(fig, path, title: str | None) -> Path:
+    """Title, lay out, write and close a figure; the path written."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

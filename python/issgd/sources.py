@@ -75,15 +75,24 @@ class Built:
         return {"value": None, "factory": self.factory}
 
 
-def resolve_model(spec, argument: str = "model") -> nn.Module:
-    """The nn.Module that ``spec`` gives (see the module docstring)."""
+def _unwrap(spec, argument: str):
+    """(the value already built, or None; the spec with an import string loaded; the spec as given, for
+    messages)."""
     if isinstance(spec, Built):
         if spec.value is not None:
-            return spec.value
+            return spec.value, spec, spec
         spec = spec.factory
     what = spec
     if isinstance(spec, str):
         spec = load_object(spec, argument)
+    return None, spec, what
+
+
+def resolve_model(spec, argument: str = "model") -> nn.Module:
+    """The nn.Module that ``spec`` gives (see the module docstring)."""
+    built, spec, what = _unwrap(spec, argument)
+    if built is not None:
+        return built
     if isinstance(spec, nn.Module):
         return spec
     if callable(spec):
@@ -98,13 +107,9 @@ def resolve_model(spec, argument: str = "model") -> nn.Module:
 
 def resolve_datasets(spec, argument: str = "dataset") -> tuple[Dataset, Dataset | None]:
     """(train, valid or None) from ``spec`` (see the module docstring)."""
-    if isinstance(spec, Built):
-        if spec.value is not None:
-            return spec.value
-        spec = spec.factory
-    what = spec
-    if isinstance(spec, str):
-        spec = load_object(spec, argument)
+    built, spec, what = _unwrap(spec, argument)
+    if built is not None:
+        return built
     if callable(spec) and not isinstance(spec, (Dataset, nn.Module)):
         spec = _call_factory(spec, what, argument)
         if _is_dataset(spec):
