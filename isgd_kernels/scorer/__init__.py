@@ -564,7 +564,7 @@ class _NormTotal:
         if self.per_layer is not None:
             self.per_layer[name] = self.per_layer.get(name, 0) + sq.detach().double()
 
-    def _add_grads(self, params: dict[int, torch.Tensor], grads: dict) -> None:
+    def _add_grads(self, grads: dict) -> None:
         """Per-example gradients of one use (dense (B, *shape), or a LinearPart / EmbeddingPart)."""
         for pid, g in grads.items():
             if pid in self.multi:
@@ -582,7 +582,7 @@ class _NormTotal:
                 by_name = spec.grads(call, grad_output)
             else:
                 by_name = per_example_grads(call, grad_output, call.batch_dims)
-            self._add_grads(params, {id(params[n]): g for n, g in by_name.items()})
+            self._add_grads({id(params[n]): g for n, g in by_name.items()})
         elif spec is not None:
             self._add(call.name, spec.norm(call, grad_output, self.backend))
         else:
@@ -604,7 +604,7 @@ class _NormTotal:
                 if bias is not None:
                     self.leaf_sums[id(bias[1])] = G.double().sum((0, 1))
             use.output = None
-            self._add_grads({}, result)
+            self._add_grads(result)
             return
         result = {}
         for pid, leaf in use.leaves:
@@ -618,7 +618,7 @@ class _NormTotal:
 
         batched_vjp([use.output], [grad], [0], [leaf for _, leaf in use.leaves], consume)
         use.output = None  # the op's graph is no longer needed for this use
-        self._add_grads({}, result)
+        self._add_grads(result)
 
     def check_accounted(self, uses: ParameterUses, full: tuple) -> None:
         """The per-example gradients the uses took of each stand-in leaf add up to the leaf's batch gradient:
