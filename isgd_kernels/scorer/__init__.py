@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import warnings
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -117,6 +118,71 @@ class _NormTap(torch.autograd.Function):
             return (None, None, None, *(None for _ in grads))
         ctx.norm_fn(ctx.call, grads)
         return (None, None, None, *grads)
+
+
+@dataclass
+class _Piece:
+    """A tensor inside a scored call that a rule's scoring forward tapped: what its gradient adds, and the call
+    it belongs to (set when the call is scored; a piece of a call that is not scored adds nothing)."""
+
+    norm: Callable
+    grads: Callable
+    call: LayerCapture | None = None
+    sink: Callable | None = None
+
+
+class _PieceTap(torch.autograd.Function):
+    """Identity on a tensor inside a scored call whose backward hands its gradient to the piece. Unlike a call's
+    tap it passes the gradient on in a batched backward too: such a backward reaches it only through its own
+    call's output (parameters carried into the call), and the path through the call is that use's."""
+
+    @staticmethod
+    def forward(ctx, anchor, piece, tensor):
+        ctx.piece = piece
+        return tensor.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        piece = ctx.piece
+        if piece.sink is not None and not in_batched_vjp():
+            piece.sink(piece, grad)
+        return None, None, grad
+
+
+class _ScoringForwards:
+    """For the length of a pass, the modules whose rule has a scoring forward (RuleSpec.forward) run it in place
+    of their own forward; the pieces it taps wait for the call's hook, which gives them the call to score."""
+
+    def __init__(self, captures: list[LayerCapture]):
+        self.modules = [cap.module for cap in captures
+                        if not cap.per_use and getattr(RULES.get(type(cap.module)), "forward", None) is not None]
+        self.anchor: torch.Tensor | None = None  # None: pieces are not tapped
+        self.pending: dict = {}  # module -> its running call's pieces
+        self.saved: list = []
+
+    def __enter__(self):
+        for module in self.modules:
+            self.saved.append((module, module.__dict__.get("forward")))
+            module.forward = functools.partial(RULES[type(module)].forward, module,
+                                               functools.partial(self.score, module))
+        return self
+
+    def __exit__(self, *exc):
+        for module, forward in self.saved:
+            del module.forward
+            if forward is not None:
+                module.forward = forward
+        self.saved = []
+
+    def score(self, module, tensor, norm, grads):
+        if self.anchor is None or replaying() or not torch.is_grad_enabled():
+            return tensor
+        piece = _Piece(norm, grads)
+        self.pending.setdefault(module, []).append(piece)
+        return _PieceTap.apply(self.anchor, piece, tensor)
+
+    def take(self, module) -> list[_Piece]:
+        return self.pending.pop(module, [])
 
 
 def _tap(anchor, call, norm_fn, output):
@@ -232,7 +298,8 @@ class GradNormScorer:
         params = list(model.parameters())
         requires_grad = [p.requires_grad for p in params]
         handles = []
-        with evaluating(model, enabled=self.eval_mode):
+        forwards = _ScoringForwards(captures)
+        with evaluating(model, enabled=self.eval_mode), forwards:
             try:
                 self._refuse_batch_mixing()
                 for p in params:  # no parameter in the graph: autograd runs no weight-gradient GEMM
@@ -245,7 +312,7 @@ class GradNormScorer:
                     if self._probed is not None and self._probed[0] == signature:
                         _, verdicts, call_verdicts = self._probed
                     elif self.check_examples_separate and self._can_probe(batch):
-                        probe = self._run_probe(args, targets, loss_fn, captures, batch)
+                        probe = self._run_probe(args, targets, loss_fn, captures, batch, forwards)
                     elif self.check_examples_separate and batch >= 2 and not self._warned_no_probe:
                         self._warned_no_probe = True
                         warnings.warn(
@@ -255,7 +322,8 @@ class GradNormScorer:
                             "Score in eval mode, or check the model once with scorer.verify.", stacklevel=3)
                     uses = ParameterUses(model, captures, batch, against=probe, verdicts=verdicts,
                                          tap=lambda use, on: _tap(anchor, use, total.add_use, on))
-                    state = _PassState(batch, anchor, total, probe, uses, call_verdicts)
+                    state = _PassState(batch, anchor, total, probe, uses, forwards, call_verdicts)
+                    forwards.anchor = anchor
                     total.checking = probe is not None
                     # Parameters scored op by op reach the graph only through their stand-ins; on a probed pass
                     # they require grad, so that a use the op watch cannot see (a custom autograd.Function, an
@@ -305,7 +373,8 @@ class GradNormScorer:
         return batch >= 2 and not any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
                                       for m in self.model.modules())
 
-    def _run_probe(self, args: tuple, targets, loss_fn: LossFn, captures: list[LayerCapture], batch: int) -> Probe:
+    def _run_probe(self, args: tuple, targets, loss_fn: LossFn, captures: list[LayerCapture], batch: int,
+                   forwards: _ScoringForwards) -> Probe:
         """The forward and the loss on the batch in reverse order (tensors whose dim 0 is the batch, inputs and
         targets, reordered), recording what each candidate op and scored call gave, and the losses."""
         perm = torch.arange(batch - 1, -1, -1, device=args[0].device)
@@ -321,7 +390,7 @@ class GradNormScorer:
         handles = []
 
         uses = ParameterUses(self.model, captures, batch, record=probe)
-        anchor = torch.zeros((), device=args[0].device, requires_grad=True)
+        anchor = forwards.anchor = torch.zeros((), device=args[0].device, requires_grad=True)
 
         def record(cap):
             def hook(module, inputs, output):
@@ -356,6 +425,7 @@ class GradNormScorer:
         finally:
             for h in handles:
                 h.remove()
+            forwards.anchor, forwards.pending = None, {}  # the probe's pieces are never scored
         return probe
 
     def verify(self, inputs, targets, loss_fn: LossFn, n: int = 4) -> "VerifyReport":
@@ -404,6 +474,7 @@ class GradNormScorer:
                 return scored_call(module, inputs, kwargs, output)
 
         def scored_call(module, inputs, kwargs, output):
+            pieces = state.forwards.take(module)  # tapped inside this call by a scoring forward
             if replaying():  # a fallback rule re-running a module's forward in backward: not a new call
                 return None
             if state.backward_started:
@@ -430,10 +501,12 @@ class GradNormScorer:
                 # the call again on the pass's stand-ins for its parameters and follow its outputs, like an op's.
                 params = cap.trainable_parameters()
                 leaves = {name: state.uses.stand_in(p) for name, p in params.items()}
+                # A parameter passed as an input itself (a bare query table) is read through a leaf of its own too.
+                (inputs, kwargs), passed = state.uses.swap_parameters((inputs, kwargs))
                 with replaying_call(), torch.enable_grad():
                     output = functional_call(module, leaves, inputs, kwargs, strict=False)
                 own = [(id(params[n]), leaf) for n, leaf in leaves.items()]
-                state.uses.mark(tensor_outputs(output), own + state.uses.sources_of((inputs, kwargs)))
+                state.uses.mark(tensor_outputs(output), own + passed + state.uses.sources_of((inputs, kwargs)))
                 return output
             carried = state.uses.sources_of((inputs, kwargs))
             cap.calls += 1
@@ -446,15 +519,13 @@ class GradNormScorer:
             if type(module) not in RULES:  # the fallback checks its vmapped forward against them
                 call.outputs = [t.detach() for t in outs if t.is_floating_point() or t.is_complex()]
             tapped = _tap(state.anchor, call, state.total.add_call, output)
-            if carried and isinstance(output, torch.Tensor):
+            for piece in pieces:
+                piece.call, piece.sink = call, state.total.add_piece
+            if carried:
                 # Parameters reach this call through its input (a followed activation): their per-example
                 # gradients are taken here, by a batched backward through the call.
-                tapped = state.uses.use_at(cap.label, output, tapped, carried)
-            elif carried:
-                raise UnsupportedModuleError(
-                    f"GradNormScorer: {cap.label} returns several tensors and takes an input computed from "
-                    f"parameters {state.uses.labels(carried)} without the batch in dim 0; such a call is not "
-                    "supported. Keep the batch in dim 0 of that input.")
+                tapped = state.uses.use_at(cap.label, [t for t in outs if t.is_floating_point() or t.is_complex()],
+                                           floating, tapped, carried)
             state.uses.mark(tensor_outputs(tapped))
             return tapped
 
@@ -496,6 +567,7 @@ class _PassState:
     total: "_NormTotal"
     probe: Probe | None
     uses: ParameterUses
+    forwards: _ScoringForwards
     call_verdicts: list | None = None  # the probed pass's verdict per scored call, which later passes follow
     calls_seen: int = 0
     calls_found: list = dataclasses.field(default_factory=list)
@@ -577,7 +649,9 @@ class _NormTotal:
         spec = RULES.get(type(call.module))
         grad_output = grads[0] if call.single_output else tuple(grads)
         params = call.trainable_parameters()
-        if any(id(p) in self.multi for p in params.values()):
+        if spec is not None and spec.norm is None:
+            pass  # scored by the pieces its scoring forward tapped (add_piece)
+        elif any(id(p) in self.multi for p in params.values()):
             if spec is not None and spec.grads is not None:
                 by_name = spec.grads(call, grad_output)
             else:
@@ -589,10 +663,21 @@ class _NormTotal:
             self._add(call.name, autograd_fallback_rule(call, grad_output, self.backend, call.batch_dims))
         call.inputs, call.kwargs, call.outputs = (), {}, []  # free the call's activations once its norm is known
 
+    def add_piece(self, piece: _Piece, grad: torch.Tensor) -> None:
+        """The gradient of a tensor a scoring forward tapped inside a scored call arrived."""
+        call = piece.call
+        params = call.trainable_parameters()
+        if any(id(p) in self.multi for p in params.values()):
+            self._add_grads({id(params[n]): g for n, g in piece.grads(call, grad).items()})
+        else:
+            sq = piece.norm(call, grad, self.backend)
+            if sq is not None:
+                self._add(call.name, sq)
+
     def add_use(self, use: Use, grads: tuple) -> None:
         """An op-level use's output gradient arrived: one batched backward through the op (and the ops without
         the batch before it) to its stand-in leaves; a parameter read through several leaves sums them."""
-        grad = grads[0]
+        grad = grads[0]  # an op's use: its one output's gradient
         if use.linear is not None:  # F.linear on a weight: factored, no batched backward
             x, (wid, wleaf), bias = use.linear
             A, G = x.reshape(x.shape[0], -1, x.shape[-1]), grad.reshape(grad.shape[0], -1, grad.shape[-1])
@@ -606,9 +691,6 @@ class _NormTotal:
             use.output = None
             self._add_grads(result)
             return
-        result = {}
-        for pid, leaf in use.leaves:
-            result.setdefault(pid, grad.new_zeros((grad.shape[0],) + tuple(leaf.shape)))
 
         def consume(rows, chunk_grads):
             for (pid, leaf), g in zip(use.leaves, chunk_grads):
@@ -616,7 +698,11 @@ class _NormTotal:
                     result[pid][rows] += g.to(grad.dtype)
                     self.leaf_sums[id(leaf)] = self.leaf_sums.get(id(leaf), 0) + g.double().sum(0)
 
-        batched_vjp([use.output], [grad], [0], [leaf for _, leaf in use.leaves], consume)
+        outputs = use.output if isinstance(use.output, list) else [use.output]
+        dims = use.batch_dims or [0] * len(outputs)
+        batch = next(g.shape[d] for g, d in zip(grads, dims) if d is not None)
+        result = {pid: grad.new_zeros((batch,) + tuple(leaf.shape)) for pid, leaf in use.leaves}  # (B, *param)
+        batched_vjp(outputs, list(grads), dims, [leaf for _, leaf in use.leaves], consume)
         use.output = None  # the op's graph is no longer needed for this use
         self._add_grads(result)
 

@@ -80,14 +80,22 @@ BatchDims = Callable[[nn.Module, list], list]
 # has several uses (a shared layer called twice, a tied weight), whose uses' gradients must be summed
 # before the norm. Without it the scorer replays the module (the exact autograd fallback's way).
 GradsRule = Callable[[LayerCapture, "torch.Tensor | tuple"], dict]
+# forward(module, score, *args, **kwargs) -> what module(*args, **kwargs) returns: the module's forward
+# written for a scoring pass, so that its rule reads every gradient it needs in the pass's own backward
+# instead of replaying the module. ``score(tensor, norm, grads) -> tensor`` returns `tensor` tapped; when
+# its gradient G arrives, ``norm(capture, G, backend) -> (B,)`` (or None: nothing trainable) is added to
+# the module's squared norm, or, for a parameter with other uses in the pass, ``grads(capture, G) ->
+# {parameter name: per-example gradient (B, *shape) or scorer.parts.LinearPart}`` joins its other uses.
+ScoringForward = Callable[..., object]
 
 
 @dataclass(frozen=True)
 class RuleSpec:
-    norm: Callable  # Rule
+    norm: Callable | None  # Rule; None when the scoring forward's pieces give the whole norm
     batch_dims: BatchDims | None = None
     owns_children: bool | Callable[[nn.Module], bool] = False
     grads: GradsRule | None = None
+    forward: ScoringForward | None = None
 
     def owns(self, module: nn.Module) -> bool:
         """The rule accounts for the parameters of `module`'s submodules (decided per module when
@@ -99,9 +107,9 @@ class RuleSpec:
 RULES: dict[type, RuleSpec] = {}
 
 
-def register_rule(module_type: type, rule: Rule, *, batch_dims: BatchDims | None = None,
+def register_rule(module_type: type, rule: Rule | None, *, batch_dims: BatchDims | None = None,
                   owns_children: bool | Callable[[nn.Module], bool] = False,
-                  grads: GradsRule | None = None) -> None:
+                  grads: GradsRule | None = None, forward: ScoringForward | None = None) -> None:
     """Teach the scorer a new module type. `rule(capture, grad_output, backend) -> (B,)` must return
     the exact per-example squared gradient norm of the module's trainable parameters from one call.
 
@@ -112,8 +120,13 @@ def register_rule(module_type: type, rule: Rule, *, batch_dims: BatchDims | None
         decides it per module (a layer that is scored through its children in one layout and as a whole in
         another); a module whose rule does not own its children is scored through them.
     grads: `grads(capture, grad_output) -> {name: (B, *shape)}` per-example gradients, used when a
-        parameter has several uses in one pass (default: the exact replay of the module)."""
-    RULES[module_type] = RuleSpec(rule, batch_dims, owns_children, grads)
+        parameter has several uses in one pass (default: the exact replay of the module).
+    forward: a scoring forward (see ScoringForward above) that runs in place of the module's forward during
+        a scoring pass and scores the module's parameters piece by piece where their gradients arise (the
+        attention rule's in- and out-projections); `rule` may then be None."""
+    if rule is None and forward is None:
+        raise TypeError(f"register_rule({module_type.__name__}): give a rule, a scoring forward, or both")
+    RULES[module_type] = RuleSpec(rule, batch_dims, owns_children, grads, forward)
 
 
 def supported_names() -> str:

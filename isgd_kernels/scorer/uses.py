@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from isgd_kernels.scorer.registry import LayerCapture
@@ -45,11 +45,12 @@ class Use:
     """One op-level use: its output (batch-first, with a graph to the leaves) and the stand-ins it reads."""
 
     what: str
-    output: torch.Tensor
+    output: torch.Tensor | list  # a list: a module call's floating outputs, with the batch in `batch_dims`
     leaves: list  # (id(parameter), stand-in leaf) pairs; a parameter read twice has two leaves
     # F.linear(x, W, b) with W (and b) stand-ins and x free of parameters: (x, W's pair, b's pair or None), so
     # W's per-example gradients stay factored (scorer/parts.py) instead of going through a batched backward
     linear: tuple | None = None
+    batch_dims: list | None = None
 
 
 @dataclass
@@ -199,11 +200,12 @@ class ParameterUses(TorchFunctionMode):
     def labels(self, pairs: list) -> str:
         return ", ".join(sorted({f"'{self.label.get(pid, '?')}'" for pid, _ in pairs}))
 
-    def use_at(self, what: str, output: torch.Tensor, tapped: torch.Tensor, sources: list) -> torch.Tensor:
-        """A scored call's batch-first output that parameters reach through its input: a use of them there."""
+    def use_at(self, what: str, outputs: list, batch_dims: list, tapped, sources: list):
+        """A scored call's outputs (floating, their batch in `batch_dims`; `tapped` the call's output as tapped)
+        that parameters reach through its input: a use of them there."""
         for pid in {pid for pid, _ in sources}:
             self.uses[pid] += 1
-        return self.tap(Use(f"the call of {what}", output, list(sources)), tapped)
+        return self.tap(Use(f"the call of {what}", outputs, list(sources), batch_dims=batch_dims), tapped)
 
     def stand_in(self, p: nn.Parameter) -> torch.Tensor:
         """A fresh leaf for one use of `p`: each use's graph reaches its own leaf only, so the batched backward
@@ -211,6 +213,20 @@ class ParameterUses(TorchFunctionMode):
         leaf = p.detach().requires_grad_(True)
         self.stand_ins.append((id(p), leaf))
         return leaf
+
+    def swap_parameters(self, tree) -> tuple:
+        """`tree` with each trainable parameter used outside its rule's call replaced by a fresh stand-in, and
+        the (id(param), leaf) pairs of those stand-ins."""
+        pairs: list = []
+
+        def swap(value):
+            leaf = self._stand_in(value)
+            if leaf is None:
+                return value
+            pairs.append((id(value), leaf))
+            return leaf
+
+        return tree_map(swap, tree), pairs
 
     # -- ops ------------------------------------------------------------------------------------------
     def _stand_in(self, t):

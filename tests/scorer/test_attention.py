@@ -207,20 +207,14 @@ class TwoCalls(nn.Module):
         return self.b(h, h, h, need_weights=False)[0]
 
 
-@pytest.mark.parametrize("with_grads_rule", [True, False])
-def test_mha_called_twice_and_shared_weights(with_grads_rule):
-    """Several uses of one parameter: the per-example gradients of every use (the rule's grads=, or the
-    scorer's exact replay fallback without it) are summed before the norm."""
+def test_mha_called_twice_and_shared_weights():
+    """Several uses of one parameter (a call on itself, a cross-attention call, a weight tied to another
+    module): the pieces' per-example gradients of every use, in-projection row blocks included, are summed
+    before the norm."""
     torch.manual_seed(4)
     model = TwoCalls().double()
     x, target = torch.randn(5, L + S, E, dtype=F64), torch.randn(5, L, E, dtype=F64)
-    spec = RULES[nn.MultiheadAttention]
-    if not with_grads_rule:
-        register_rule(nn.MultiheadAttention, spec.norm, batch_dims=spec.batch_dims, owns_children=True)
-    try:
-        got = GradNormScorer(model).norms(x, target, weighted_loss)
-    finally:
-        RULES[nn.MultiheadAttention] = spec
+    got = GradNormScorer(model).norms(x, target, weighted_loss)
     assert_close_rel(got, loop_norms(model, weighted_loss, (x,), target), 1e-10)
 
 
@@ -243,6 +237,41 @@ def test_mha_dropout_in_training_mode_and_unbatched_input_are_refused():
     GradNormScorer(Net()).norms(x, target, weighted_loss)  # eval mode: dropout off
     with pytest.raises(ValueError, match="unbatched inputs"):
         GradNormScorer(Net(unbatched=True)).norms(x, target, weighted_loss)
+
+
+class Latents(nn.Module):
+    """Perceiver / DETR-style queries: a bare parameter (N, E), the same for every example, attends to the
+    input (cross-attention), then to itself; a positional table with no batch goes through an attention call
+    of its own before it is added."""
+
+    def __init__(self, n=3):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(n, E))
+        self.table = nn.Parameter(torch.randn(1, n, E))
+        self.cross = nn.MultiheadAttention(E, HEADS, batch_first=True)
+        self.mix = nn.MultiheadAttention(E, HEADS, batch_first=True, add_bias_kv=True)
+        self.pos = nn.MultiheadAttention(E, HEADS, batch_first=True)
+        self.detr = nn.MultiheadAttention(E, HEADS)  # sequence-first, as DETR's decoder
+
+    def forward(self, x):
+        q = self.latents.expand(x.shape[0], -1, -1)
+        h = self.cross(q, x, x, need_weights=False)[0]
+        h = h + self.pos(self.table, self.table, self.table, need_weights=False)[0]
+        seq = x.transpose(0, 1)
+        queries = self.latents.unsqueeze(1).repeat(1, x.shape[0], 1)  # (N, B, E): no batch in dim 0
+        h = h + self.detr(queries, seq, seq)[0].transpose(0, 1)
+        return self.mix(h, h, h)[0]
+
+
+def test_mha_on_parameters_without_the_batch():
+    """Parameters reach attention calls through their inputs: DETR's sequence-first queries are followed into
+    the call (its query projection, batch-first, takes their gradient); a parameter passed as the input of a
+    call with no batch (the positional table) is followed out of it to the add, where it is scored."""
+    torch.manual_seed(8)
+    model = Latents().double()
+    x, target = torch.randn(4, 5, E, dtype=F64), torch.randn(4, 3, E, dtype=F64)
+    got = GradNormScorer(model).norms(x, target, weighted_loss)
+    assert_close_rel(got, loop_norms(model, weighted_loss, (x,), target), 1e-10)
 
 
 # ------------------------------------------------------------------------------ whole models

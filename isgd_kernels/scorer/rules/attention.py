@@ -5,22 +5,24 @@ MultiheadAttention's parameters are Linear maps over positions: the in-projectio
 out = ctx W_oᵀ + b_o, and bias_k / bias_v, appended as one more key and value row. Per example, a
 projection's weight gradient is G_iᵀ A_i (A its input, G the gradient w.r.t. its output), so the Linear
 norm op gives its squared norm; the blocks of a packed weight (or separate weights) are disjoint rows,
-so their squared norms add. The out-projection's G is the arriving output gradient, but its input ctx and
-the in-projections' G lie inside the attention: the rule replays the attention from the captured call,
-with the ops of F.multi_head_attention_forward (masks, bias_kv, zero attention, the is_causal hint, the
-explicit-softmax path when weights are returned and scaled_dot_product_attention otherwise), and one
-autograd.grad from ctx (and the returned weights, whose gradient counts when the loss uses them) to the
-projection outputs gives every G. MultiheadAttention never calls out_proj as a module (the functional
-reads its weight), so the rule owns it.
+so their squared norms add. Those G lie inside the attention: during a scoring pass the module runs
+`mha_forward` instead of its own forward (the rule's scoring forward), F.multi_head_attention_forward's
+computation written batch-first with the projections' outputs and the bias rows tapped, so each G is the
+pass's own, taken as the backward reaches it; nothing is replayed. (PyTorch's functional runs the
+in-projection on (T, B, E) views, which without weight gradients becomes T small GEMMs; batch-first it
+is one.) MultiheadAttention never calls out_proj as a module (the functional reads its weight), so the
+rule owns it.
 
 The batch-first Transformer layers are scored through their children (MultiheadAttention, Linear,
 LayerNorm). Sequence-first ones (batch_first=False) feed their Linear and LayerNorm children (T, B, E)
 activations, which those rules do not take: such a layer, encoder, decoder or nn.Transformer owns its
-children instead, replays its forward once, takes each child's output gradient there and hands each child
-to its rule with the batch moved to dim 0 (exact for position-wise layers).
+children instead, replays its forward once (its attention children running mha_forward), takes each child's
+output gradient and each attention piece's there, and hands each child to its rule with the batch moved
+to dim 0 (exact for position-wise layers).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -31,23 +33,13 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from isgd_kernels._checks import accumulation_dtype
 from isgd_kernels.linear_norms import linear_grad_sq_norms_impl, linear_op_args
+from isgd_kernels.scorer.parts import LinearPart
 from isgd_kernels.scorer.registry import RULES, LayerCapture, register_rule
 
 _BLOCKS = ("q", "k", "v")
 
 
 # ------------------------------------------------------------------------------ MultiheadAttention
-
-@dataclass
-class _Replayed:
-    """One MultiheadAttention call, batch-first: the projections' inputs and output gradients."""
-
-    inputs: dict  # "q"/"k"/"v" -> (B, L or S, E_x) input of that in-projection
-    grads: dict  # "q"/"k"/"v" -> (B, L or S, E) gradient w.r.t. its output, for the blocks that need it
-    ctx: torch.Tensor  # (B, L, E): the out-projection's input
-    grad_out: torch.Tensor  # (B, L, E): the out-projection's output gradient
-    bias_kv: dict  # "bias_k"/"bias_v" -> (B, E) gradient w.r.t. the appended row
-
 
 def _check_call(module: nn.MultiheadAttention, query) -> None:
     what = f"a MultiheadAttention (embed_dim={module.embed_dim}, num_heads={module.num_heads})"
@@ -71,133 +63,14 @@ def mha_batch_dims(module: nn.MultiheadAttention, outputs: list) -> list:
 
 def _float_mask(mask, dtype):
     """A boolean mask as the additive float mask PyTorch makes of it (-inf where True); a float one as is."""
-    if mask is None or mask.is_floating_point():
-        return mask
+    if mask is None:
+        return None
+    if mask.is_floating_point():
+        return mask.to(dtype)
     if mask.dtype != torch.bool:
         raise ValueError(f"GradNormScorer: MultiheadAttention mask of dtype {mask.dtype}: only bool and "
                          "float masks are supported (as in PyTorch)")
     return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
-
-
-def _in_projection_weights(module: nn.MultiheadAttention) -> dict:
-    """"q"/"k"/"v" -> (weight, bias) of each in-projection, detached."""
-    if module._qkv_same_embed_dim:
-        weights = module.in_proj_weight.detach().chunk(3)
-    else:
-        weights = tuple(getattr(module, f"{x}_proj_weight").detach() for x in _BLOCKS)
-    biases = module.in_proj_bias.detach().chunk(3) if module.in_proj_bias is not None else (None,) * 3
-    return {x: (w, b) for x, w, b in zip(_BLOCKS, weights, biases)}
-
-
-def _weight_names(module: nn.MultiheadAttention) -> dict:
-    """"q"/"k"/"v" -> the parameter holding that block's weight."""
-    if module._qkv_same_embed_dim:
-        return dict.fromkeys(_BLOCKS, "in_proj_weight")
-    return {x: f"{x}_proj_weight" for x in _BLOCKS}
-
-
-def _replay(cap: LayerCapture, grad_output) -> _Replayed:
-    """The attention of the captured call, replayed with PyTorch's ops, differentiated once from ctx (and the
-    returned weights) to the in-projection outputs and the bias_k / bias_v rows that need a gradient."""
-    m: nn.MultiheadAttention = cap.module
-    query, key, value = cap.argument(0, "query"), cap.argument(1, "key"), cap.argument(2, "value")
-    _check_call(m, query)
-    kpm, need_weights = cap.argument(3, "key_padding_mask"), cap.argument(4, "need_weights", True)
-    attn_mask, average = cap.argument(5, "attn_mask"), cap.argument(6, "average_attn_weights", True)
-    is_causal = cap.argument(7, "is_causal", False)
-    grads = tuple(grad_output) if isinstance(grad_output, (tuple, list)) else (grad_output,)
-    g_attn = grads[0]
-    g_weights = grads[1] if need_weights and len(grads) > 1 else None
-
-    inputs = dict(zip(_BLOCKS, (query, key, value)))
-
-    def seq_first(t):  # the (T, B, ...) view F.multi_head_attention_forward works on
-        return t.transpose(0, 1) if m.batch_first else t
-
-    tgt_len, bsz, embed_dim = seq_first(query).shape
-    heads, head_dim = m.num_heads, m.embed_dim // m.num_heads
-    w_names = _weight_names(m)
-    bias_trainable = cap.is_trainable("in_proj_bias")
-    needed = [x for x in _BLOCKS if cap.is_trainable(w_names[x]) or bias_trainable]
-    kv_rows = [n for n in ("bias_k", "bias_v") if cap.is_trainable(n)]
-
-    with torch.enable_grad():
-        proj = {}
-        for x, (w, b) in _in_projection_weights(m).items():
-            # In the call's own layout (contiguous rows for the matmul); its gradient is then G as laid out.
-            proj[x] = F.linear(inputs[x], w, b)
-            if x in needed:
-                proj[x].requires_grad_(True)
-        kpm_f = _float_mask(kpm, query.dtype)
-        sdpa_causal = bool(is_causal) and kpm is None and not need_weights
-        mask = None if sdpa_causal else _float_mask(attn_mask, query.dtype)
-        if mask is not None and mask.dim() == 2:
-            mask = mask.unsqueeze(0)
-        k, v, rows = seq_first(proj["k"]), seq_first(proj["v"]), {}
-        if m.bias_k is not None:
-            # One (1, B, E) leaf per appended row: its gradient at example b is that example's bias gradient.
-            rows = {n: getattr(m, n).detach().repeat(1, bsz, 1).requires_grad_(n in kv_rows)
-                    for n in ("bias_k", "bias_v")}
-            k, v = torch.cat([k, rows["bias_k"]]), torch.cat([v, rows["bias_v"]])
-            mask = F.pad(mask, (0, 1)) if mask is not None else None
-            kpm_f = F.pad(kpm_f, (0, 1)) if kpm_f is not None else None
-        q = seq_first(proj["q"]).reshape(tgt_len, bsz * heads, head_dim).transpose(0, 1)
-        k = k.reshape(k.shape[0], bsz * heads, head_dim).transpose(0, 1)
-        v = v.reshape(v.shape[0], bsz * heads, head_dim).transpose(0, 1)
-        if m.add_zero_attn:
-            zeros = torch.zeros((bsz * heads, 1, head_dim), dtype=k.dtype, device=k.device)
-            k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
-            mask = F.pad(mask, (0, 1)) if mask is not None else None
-            kpm_f = F.pad(kpm_f, (0, 1)) if kpm_f is not None else None
-        src_len = k.shape[1]
-        if kpm_f is not None:
-            kpm_f = kpm_f.view(bsz, 1, 1, src_len).expand(-1, heads, -1, -1).reshape(bsz * heads, 1, src_len)
-            mask = kpm_f if mask is None else mask + kpm_f
-        weights = None
-        if need_weights:
-            q_scaled = q * math.sqrt(1.0 / float(head_dim))
-            scores = (torch.baddbmm(mask, q_scaled, k.transpose(-2, -1)) if mask is not None
-                      else torch.bmm(q_scaled, k.transpose(-2, -1)))
-            attn = torch.softmax(scores, dim=-1)
-            ctx = torch.bmm(attn, v).transpose(0, 1).reshape(tgt_len, bsz, embed_dim)
-            weights = attn.view(bsz, heads, tgt_len, src_len)
-            weights = weights.mean(dim=1) if average else weights
-        else:
-            if mask is not None:
-                mask = mask.unsqueeze(0) if mask.shape[0] == 1 else mask.view(bsz, heads, -1, src_len)
-            ctx = F.scaled_dot_product_attention(
-                q.view(bsz, heads, tgt_len, head_dim), k.view(bsz, heads, src_len, head_dim),
-                v.view(bsz, heads, src_len, head_dim), mask, 0.0, sdpa_causal)
-            ctx = ctx.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim)
-
-        inner = [proj[x] for x in needed] + [rows[n] for n in kv_rows]
-        got = [None] * len(inner)
-        if inner:
-            g_ctx = seq_first(g_attn @ m.out_proj.weight.detach().to(g_attn.dtype))  # d ctx = d out · W_o
-            outs, cots = [ctx], [g_ctx]
-            if weights is not None and g_weights is not None:
-                if g_weights.shape != weights.shape:
-                    raise ValueError(f"GradNormScorer: {cap.label}: replaying it gave attention weights "
-                                     f"{tuple(weights.shape)}, not {tuple(g_weights.shape)} as in the pass")
-                outs.append(weights)
-                cots.append(g_weights)
-            got = torch.autograd.grad(outs, inner, cots, allow_unused=True)
-    got = [torch.zeros_like(t) if g is None else g for t, g in zip(inner, got)]
-    by_block = dict(zip(needed, got[:len(needed)]))
-
-    def batch_first(t):
-        return t if m.batch_first else t.transpose(0, 1)
-
-    return _Replayed(inputs={x: batch_first(t) for x, t in inputs.items()},
-                     grads={x: batch_first(g) for x, g in by_block.items()},
-                     ctx=ctx.detach().transpose(0, 1), grad_out=batch_first(g_attn),
-                     bias_kv={n: g[0] for n, g in zip(kv_rows, got[len(needed):])})
-
-
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """a and b are the same data (self-attention: query is key is value, detached apart by the capture)."""
-    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.dtype == b.dtype and a.device == b.device)
 
 
 def _linear_sq(x: torch.Tensor, g: torch.Tensor, weight: bool, bias: bool, backend: str) -> torch.Tensor:
@@ -207,61 +80,139 @@ def _linear_sq(x: torch.Tensor, g: torch.Tensor, weight: bool, bias: bool, backe
     return g.to(accumulation_dtype(g.dtype)).sum(1).square().sum(-1)
 
 
-def mha_rule(cap: LayerCapture, grad_output, backend: str) -> torch.Tensor:
-    r = _replay(cap, grad_output)
-    acc = accumulation_dtype(r.grad_out.dtype)
-    total = torch.zeros(r.grad_out.shape[0], dtype=acc, device=r.grad_out.device)
-    w_out, b_out = cap.is_trainable("out_proj.weight"), cap.is_trainable("out_proj.bias")
-    if w_out or b_out:
-        total += _linear_sq(r.ctx, r.grad_out, w_out, b_out, backend).to(acc)
-    w_names, bias = _weight_names(cap.module), cap.is_trainable("in_proj_bias")
-    # Blocks sharing an input (self-attention) make one Linear problem with their G side by side: the packed
-    # weight's per-example gradient is the row-concatenation of the blocks', so its squared norm is the sum.
-    groups: list[tuple[torch.Tensor, list]] = []
-    for x, g in r.grads.items():
-        if not cap.is_trainable(w_names[x]):
-            total += _linear_sq(r.inputs[x], g, False, bias, backend).to(acc)
-            continue
-        for a, gs in groups:
-            if _same_tensor(a, r.inputs[x]):
-                gs.append(g)
-                break
-        else:
-            groups.append((r.inputs[x], [g]))
-    for a, gs in groups:
-        total += _linear_sq(a, gs[0] if len(gs) == 1 else torch.cat(gs, -1), True, bias, backend).to(acc)
-    for g in r.bias_kv.values():
-        total += g.to(acc).square().sum(-1)
-    return total
+def _padded(g: torch.Tensor, span: tuple) -> torch.Tensor:
+    """g (..., stop - start) placed at columns [start, stop) of (..., rows), zeros elsewhere."""
+    start, stop, rows = span
+    return g if (start, stop) == (0, rows) else F.pad(g, (start, rows - stop))
 
 
-def mha_grads(cap: LayerCapture, grad_output) -> dict[str, torch.Tensor]:
-    """Per-example gradients {name: (B, *shape)} of the trainable parameters, for a parameter with several
-    uses in one pass (the module called twice, a weight shared with another module)."""
-    r = _replay(cap, grad_output)
+@dataclass
+class _Projection:
+    """One Linear map of the attention, x (B, T, in) -> (B, T, stop - start), on rows [start, stop) of its weight
+    and bias parameters (the in-projections' row blocks of in_proj_weight / in_proj_bias; (0, rows, rows) for a
+    whole parameter). Blocks of one parameter are disjoint rows, so their squared norms add."""
 
-    def weight(g, a):
-        return torch.einsum("bto,bti->boi", g, a.to(g.dtype))
+    x: torch.Tensor
+    weight: str
+    bias: str | None
+    weight_span: tuple
+    bias_span: tuple
 
-    out = {}
-    if cap.is_trainable("out_proj.weight"):
-        out["out_proj.weight"] = weight(r.grad_out, r.ctx)
-    if cap.is_trainable("out_proj.bias"):
-        out["out_proj.bias"] = r.grad_out.sum(1)
-    w_names = _weight_names(cap.module)
-    if cap.is_trainable("in_proj_weight"):
-        out["in_proj_weight"] = torch.cat([weight(r.grads[x], r.inputs[x]) for x in _BLOCKS], 1)
-    for x in _BLOCKS:
-        if w_names[x] != "in_proj_weight" and cap.is_trainable(w_names[x]):
-            out[w_names[x]] = weight(r.grads[x], r.inputs[x])
-    if cap.is_trainable("in_proj_bias"):
-        out["in_proj_bias"] = torch.cat([r.grads[x].sum(1) for x in _BLOCKS], 1)
-    for n, g in r.bias_kv.items():
-        out[n] = g.reshape(g.shape[0], 1, 1, -1)
-    return out
+    def norm(self, cap: LayerCapture, g: torch.Tensor, backend: str):
+        w, b = cap.is_trainable(self.weight), self.bias is not None and cap.is_trainable(self.bias)
+        return _linear_sq(self.x, g, w, b, backend) if w or b else None
+
+    def grads(self, cap: LayerCapture, g: torch.Tensor) -> dict:
+        out = {}
+        if cap.is_trainable(self.weight):
+            out[self.weight] = LinearPart(self.x, _padded(g, self.weight_span))
+        if self.bias is not None and cap.is_trainable(self.bias):
+            out[self.bias] = _padded(g.sum(1), self.bias_span)
+        return out
 
 
-register_rule(nn.MultiheadAttention, mha_rule, batch_dims=mha_batch_dims, owns_children=True, grads=mha_grads)
+@dataclass
+class _Row:
+    """bias_k or bias_v (1, 1, E), appended to every example's keys or values: (B, 1, E) rows."""
+
+    name: str
+
+    def norm(self, cap: LayerCapture, g: torch.Tensor, backend: str):
+        return g.to(accumulation_dtype(g.dtype)).square().sum((1, 2)) if cap.is_trainable(self.name) else None
+
+    def grads(self, cap: LayerCapture, g: torch.Tensor) -> dict:
+        return {self.name: g.unsqueeze(1)} if cap.is_trainable(self.name) else {}
+
+
+def _project(score, m: nn.MultiheadAttention, x: torch.Tensor, blocks: tuple) -> torch.Tensor:
+    """x (B, T, in) through the in-projection rows of `blocks` (a run of "q", "k", "v"), tapped."""
+    E = m.embed_dim
+    start, stop = "qkv".index(blocks[0]) * E, ("qkv".index(blocks[-1]) + 1) * E
+    if m._qkv_same_embed_dim:
+        weight, weight_span = "in_proj_weight", (start, stop, 3 * E)
+        w = m.in_proj_weight if (start, stop) == (0, 3 * E) else m.in_proj_weight[start:stop]
+    else:
+        weight, weight_span = f"{blocks[0]}_proj_weight", (0, E, E)
+        w = getattr(m, weight)
+    b = None
+    if m.in_proj_bias is not None:
+        b = m.in_proj_bias if (start, stop) == (0, 3 * E) else m.in_proj_bias[start:stop]
+    piece = _Projection(x.detach(), weight, "in_proj_bias" if b is not None else None, weight_span,
+                        (start, stop, 3 * E))
+    return score(F.linear(x, w, b), piece.norm, piece.grads)
+
+
+def _in_projections(score, m: nn.MultiheadAttention, query, key, value, same_qk: bool, same_kv: bool):
+    """q, k, v (B, T, E): one Linear per distinct input (self-attention: one for the three, as PyTorch)."""
+    if same_qk and same_kv and m._qkv_same_embed_dim:
+        return _project(score, m, query, ("q", "k", "v")).chunk(3, -1)
+    q = _project(score, m, query, ("q",))
+    if same_kv and m._qkv_same_embed_dim:
+        return (q, *_project(score, m, key, ("k", "v")).chunk(2, -1))
+    return q, _project(score, m, key, ("k",)), _project(score, m, value, ("v",))
+
+
+def mha_forward(m: nn.MultiheadAttention, score, query, key, value, key_padding_mask=None, need_weights=True,
+                attn_mask=None, average_attn_weights=True, is_causal=False):
+    """nn.MultiheadAttention.forward for a scoring pass: F.multi_head_attention_forward's computation (masks,
+    bias_k / bias_v, zero attention, the is_causal hint, the explicit-softmax path when weights are returned
+    and scaled_dot_product_attention otherwise), batch-first throughout, with the in-projections' outputs,
+    the appended bias rows and the out-projection's output tapped. Their gradients are the pass's own: the
+    rule replays nothing."""
+    _check_call(m, query)
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
+                           "method `generate_square_subsequent_mask` to create this mask.")
+    same_qk, same_kv = query is key, key is value
+    if not m.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    B, L, E = query.shape
+    heads, head_dim = m.num_heads, m.embed_dim // m.num_heads
+    dtype = query.dtype
+    kpm = _float_mask(key_padding_mask, dtype)
+    sdpa_causal = bool(is_causal) and key_padding_mask is None and not need_weights
+    mask = None if sdpa_causal else _float_mask(attn_mask, dtype)
+
+    q, k, v = _in_projections(score, m, query, key, value, same_qk, same_kv)
+    if m.bias_k is not None:
+        rows = [score(getattr(m, n).expand(B, 1, E), _Row(n).norm, _Row(n).grads) for n in ("bias_k", "bias_v")]
+        k, v = torch.cat([k, rows[0]], 1), torch.cat([v, rows[1]], 1)
+        mask = F.pad(mask, (0, 1)) if mask is not None else None
+        kpm = F.pad(kpm, (0, 1)) if kpm is not None else None
+    q = q.reshape(B, L, heads, head_dim).transpose(1, 2)
+    k = k.reshape(B, k.shape[1], heads, head_dim).transpose(1, 2)
+    v = v.reshape(B, v.shape[1], heads, head_dim).transpose(1, 2)
+    if m.add_zero_attn:
+        zeros = k.new_zeros(B, heads, 1, head_dim)
+        k, v = torch.cat([k, zeros], 2), torch.cat([v, zeros], 2)
+        mask = F.pad(mask, (0, 1)) if mask is not None else None
+        kpm = F.pad(kpm, (0, 1)) if kpm is not None else None
+    src_len = k.shape[2]
+    if mask is not None:
+        expected = (L, src_len) if mask.dim() == 2 else (B * heads, L, src_len)
+        if tuple(mask.shape) != expected:
+            raise RuntimeError(f"The shape of the {mask.dim()}D attn_mask is {tuple(mask.shape)}, but should be "
+                               f"{expected}.")
+        mask = mask.view(1, 1, L, src_len) if mask.dim() == 2 else mask.view(B, heads, L, src_len)
+    if kpm is not None:
+        kpm = kpm.view(B, 1, 1, src_len)
+        mask = kpm if mask is None else mask + kpm
+    weights = None
+    if need_weights:
+        scores = (q * math.sqrt(1.0 / float(head_dim))) @ k.transpose(-2, -1)
+        attn = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+        ctx = attn @ v
+        weights = attn.mean(dim=1) if average_attn_weights else attn
+    else:
+        ctx = F.scaled_dot_product_attention(q, k, v, mask, 0.0, sdpa_causal)
+    ctx = ctx.transpose(1, 2).reshape(B, L, E)
+    out_piece = _Projection(ctx.detach(), "out_proj.weight", "out_proj.bias" if m.out_proj.bias is not None
+                            else None, (0, E, E), (0, E, E))
+    out = score(F.linear(ctx, m.out_proj.weight, m.out_proj.bias), out_piece.norm, out_piece.grads)
+    return (out if m.batch_first else out.transpose(0, 1)), weights
+
+
+register_rule(nn.MultiheadAttention, None, forward=mha_forward, batch_dims=mha_batch_dims, owns_children=True)
 
 
 # -------------------------------------------------------------------- sequence-first Transformer layers
@@ -349,19 +300,35 @@ def _scored_children(cap: LayerCapture) -> list[tuple[str, nn.Module]]:
     return chosen
 
 
-def _replay_children(cap: LayerCapture, grad_output) -> tuple[list[_Call], list]:
-    """The owner's forward on the captured call, recording each scored child's call; the gradient of the
-    owner's output (the arriving one) w.r.t. every child's floating outputs."""
+@dataclass
+class _Tapped:
+    """A piece an owned MultiheadAttention's scoring forward tapped during the replay."""
+
+    rel: str
+    module: nn.Module
+    norm: object
+    tensor: torch.Tensor  # marked
+
+
+def _replay_children(cap: LayerCapture, grad_output) -> tuple[list[_Call], list[_Tapped], list]:
+    """The owner's forward on the captured call, recording each scored child's call (a MultiheadAttention
+    child runs its scoring forward, whose pieces are recorded instead); the gradient of the owner's output
+    (the arriving one) w.r.t. every child's floating outputs and every piece."""
     children = _scored_children(cap)
     grads = list(grad_output) if isinstance(grad_output, (tuple, list)) else [grad_output]
     anchor = torch.zeros((), device=grads[0].device, requires_grad=True)
     calls: list[_Call] = []
+    pieces: list[_Tapped] = []
+    called: set[int] = set()
 
     def record(rel):
         def hook(module, inputs, kwargs, output):
-            if any(c.module is module for c in calls):
+            if id(module) in called:
                 raise ValueError(f"GradNormScorer: {cap.label}: its submodule '{rel}' is called more than "
                                  "once in one forward; build the model with batch_first=True to score it.")
+            called.add(id(module))
+            if type(module) is nn.MultiheadAttention:
+                return None
             flat, spec = tree_flatten(output)
             where = [i for i, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.is_floating_point()]
             marked = _Mark.apply(anchor, *(flat[i] for i in where))
@@ -373,7 +340,18 @@ def _replay_children(cap: LayerCapture, grad_output) -> tuple[list[_Call], list]
             return tree_unflatten(flat, spec)
         return hook
 
+    def piece_of(rel, module):
+        def score(tensor, norm, grads):
+            marked = _Mark.apply(anchor, tensor)[0]
+            pieces.append(_Tapped(rel, module, norm, marked))
+            return marked
+        return score
+
     handles = [sub.register_forward_hook(record(rel), with_kwargs=True) for rel, sub in children]
+    attention = [sub for _, sub in children if type(sub) is nn.MultiheadAttention]
+    for rel, sub in children:
+        if type(sub) is nn.MultiheadAttention:
+            sub.forward = functools.partial(mha_forward, sub, piece_of(rel, sub))
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         # The fused paths skip the submodules' calls; training never takes them.
@@ -384,43 +362,50 @@ def _replay_children(cap: LayerCapture, grad_output) -> tuple[list[_Call], list]
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in handles:
             h.remove()
+        for sub in attention:
+            del sub.forward
     outputs = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if len(outputs) != len(grads) or any(o.shape != g.shape for o, g in zip(outputs, grads)):
         raise ValueError(f"GradNormScorer: {cap.label}: replaying its forward gave outputs "
                          f"{[tuple(o.shape) for o in outputs]}, not {[tuple(g.shape) for g in grads]} as in "
                          "the pass")
-    marked = [t for c in calls for t in c.outputs]
+    marked = [t for c in calls for t in c.outputs] + [p.tensor for p in pieces]
     got = torch.autograd.grad(outputs, marked, grads, allow_unused=True) if marked else []
     got = [torch.zeros_like(t) if g is None else g for t, g in zip(marked, got)]
-    per_call, start = [], 0
-    for c in calls:
-        per_call.append(got[start:start + len(c.outputs)])
-        start += len(c.outputs)
-    return calls, per_call
+    return calls, pieces, got
+
+
+def _child_capture(cap: LayerCapture, rel: str, module: nn.Module, inputs=(), kwargs=None,
+                   single_output=True) -> LayerCapture:
+    prefix = f"{rel}."
+    return LayerCapture(f"{cap.name}.{rel}", module,
+                        {n[len(prefix):]: f for n, f in cap.trainable.items() if n.startswith(prefix)},
+                        inputs, kwargs or {}, calls=1, single_output=single_output)
 
 
 def transformer_rule(cap: LayerCapture, grad_output, backend: str) -> torch.Tensor:
     """A sequence-first Transformer layer, encoder, decoder or nn.Transformer: each scored child's rule on
-    the replay's child calls, (T, B, ...) activations handed to position-wise rules batch-first."""
-    calls, grads = _replay_children(cap, grad_output)
+    the replay's child calls, (T, B, ...) activations handed to position-wise rules batch-first, and the
+    pieces of each MultiheadAttention (batch-first already)."""
+    calls, pieces, got = _replay_children(cap, grad_output)
     g0 = grad_output[0] if isinstance(grad_output, (tuple, list)) else grad_output
     batch = g0.shape[1]
     total = torch.zeros(batch, dtype=accumulation_dtype(g0.dtype), device=g0.device)
-    for c, g in zip(calls, grads):
-        prefix = f"{c.rel}."
-        sub = LayerCapture(f"{cap.name}.{c.rel}", c.module,
-                           {n[len(prefix):]: f for n, f in cap.trainable.items() if n.startswith(prefix)},
-                           c.inputs, c.kwargs, calls=1, single_output=c.single_output)
-        if type(c.module) is nn.MultiheadAttention:
-            sq = RULES[nn.MultiheadAttention].norm(sub, tuple(g), backend)
-        else:
-            x = sub.first_input()
-            if x.dim() < 3 or x.shape[1] != batch or g[0].shape[:2] != x.shape[:2]:
-                raise ValueError(f"GradNormScorer: {sub.label} saw {tuple(x.shape)} inside sequence-first "
-                                 f"{cap.label}, not (T, B={batch}, ...)")
-            sub.inputs = (x.movedim(1, 0), *c.inputs[1:])
-            sq = RULES[type(c.module)].norm(sub, g[0].movedim(1, 0), backend)
-        total += sq.to(total.dtype)
+    start = 0
+    for c in calls:
+        g = got[start:start + len(c.outputs)]
+        start += len(c.outputs)
+        sub = _child_capture(cap, c.rel, c.module, c.inputs, c.kwargs, c.single_output)
+        x = sub.first_input()
+        if x.dim() < 3 or x.shape[1] != batch or g[0].shape[:2] != x.shape[:2]:
+            raise ValueError(f"GradNormScorer: {sub.label} saw {tuple(x.shape)} inside sequence-first "
+                             f"{cap.label}, not (T, B={batch}, ...)")
+        sub.inputs = (x.movedim(1, 0), *c.inputs[1:])
+        total += RULES[type(c.module)].norm(sub, g[0].movedim(1, 0), backend).to(total.dtype)
+    for p, g in zip(pieces, got[start:]):
+        sq = p.norm(_child_capture(cap, p.rel, p.module), g, backend)
+        if sq is not None:
+            total += sq.to(total.dtype)
     return total
 
 
