@@ -31,7 +31,7 @@ from isgd_kernels.scorer import rules  # noqa: F401  (registers the built-in rul
 from isgd_kernels.scorer.rules.fallback import (autograd_fallback_rule, batched_vjp, in_batched_vjp, per_example_grads,
                                                 replaying, replaying_call, warn_once)
 from isgd_kernels.scorer.parts import LinearPart, sq_norm_of_sum
-from isgd_kernels.scorer.registry import (RULES, LayerCapture, Rule, UnsupportedModuleError, register_rule,
+from isgd_kernels.scorer.registry import (RULES, LayerCapture, Rule, Scoring, UnsupportedModuleError, register_rule,
                                           supported_names)
 from isgd_kernels.scorer.uses import (DERIVED, ParameterUses, Probe, Reprobe, Use, fingerprint, judge_call,
                                      record_call, tensor_outputs)
@@ -154,17 +154,18 @@ class _ScoringForwards:
     of their own forward; the pieces it taps wait for the call's hook, which gives them the call to score."""
 
     def __init__(self, captures: list[LayerCapture]):
-        self.modules = [cap.module for cap in captures
-                        if not cap.per_use and getattr(RULES.get(type(cap.module)), "forward", None) is not None]
+        self.captures = [cap for cap in captures
+                         if not cap.per_use and getattr(RULES.get(type(cap.module)), "forward", None) is not None]
         self.anchor: torch.Tensor | None = None  # None: pieces are not tapped
         self.pending: dict = {}  # module -> its running call's pieces
         self.saved: list = []
 
     def __enter__(self):
-        for module in self.modules:
+        for cap in self.captures:
+            module = cap.module
             self.saved.append((module, module.__dict__.get("forward")))
-            module.forward = functools.partial(RULES[type(module)].forward, module,
-                                               functools.partial(self.score, module))
+            scoring = Scoring(functools.partial(self.score, module), cap.trainable, cap.label)
+            module.forward = functools.partial(RULES[type(module)].forward, module, scoring)
         return self
 
     def __exit__(self, *exc):

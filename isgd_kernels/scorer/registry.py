@@ -80,13 +80,26 @@ BatchDims = Callable[[nn.Module, list], list]
 # has several uses (a shared layer called twice, a tied weight), whose uses' gradients must be summed
 # before the norm. Without it the scorer replays the module (the exact autograd fallback's way).
 GradsRule = Callable[[LayerCapture, "torch.Tensor | tuple"], dict]
-# forward(module, score, *args, **kwargs) -> what module(*args, **kwargs) returns: the module's forward
+# forward(module, scoring, *args, **kwargs) -> what module(*args, **kwargs) returns: the module's forward
 # written for a scoring pass, so that its rule reads every gradient it needs in the pass's own backward
-# instead of replaying the module. ``score(tensor, norm, grads) -> tensor`` returns `tensor` tapped; when
-# its gradient G arrives, ``norm(capture, G, backend) -> (B,)`` (or None: nothing trainable) is added to
-# the module's squared norm, or, for a parameter with other uses in the pass, ``grads(capture, G) ->
-# {parameter name: per-example gradient (B, *shape) or scorer.parts.LinearPart}`` joins its other uses.
+# instead of replaying the module. ``scoring.tap(tensor, norm, grads) -> tensor`` returns `tensor` tapped
+# (see Scoring); when its gradient G arrives, ``norm(capture, G, backend) -> (B,)`` (or None: nothing
+# trainable) is added to the module's squared norm, or, for a parameter with other uses in the pass,
+# ``grads(capture, G) -> {parameter name: per-example gradient (B, *shape) or scorer.parts.LinearPart}``
+# joins its other uses.
 ScoringForward = Callable[..., object]
+
+
+@dataclass
+class Scoring:
+    """What a scoring forward receives besides the module and the call's arguments."""
+
+    tap: Callable  # tap(tensor, norm, grads) -> tensor, tapped
+    trainable: dict[str, bool]  # the module's parameters (dotted below it) -> required grad when the pass began
+    label: str  # how error messages name the module: module 'name' (Type)
+
+    def is_trainable(self, name: str) -> bool:
+        return self.trainable.get(name, False)
 
 
 @dataclass(frozen=True)

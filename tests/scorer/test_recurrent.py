@@ -82,7 +82,7 @@ def _tokens(batch, steps, device="cpu"):
 
 def test_recurrent_rules_registered():
     for cls in (nn.RNN, nn.LSTM, nn.GRU):
-        assert cls in RULES and RULES[cls].batch_dims is not None and RULES[cls].grads is not None
+        assert cls in RULES and RULES[cls].batch_dims is not None and RULES[cls].forward is not None
 
 
 @pytest.mark.parametrize("cls,kw", CONFIGS, ids=_ids(CONFIGS))
@@ -256,6 +256,52 @@ def test_packed_sequences(cls, kw, batch_first):
     tokens[pad], targets[pad] = 0, -1
     got = GradNormScorer(model).norms(tokens, targets, packed_loss)
     assert_close_rel(got, loop_norms(model, packed_loss, tokens, targets), 1e-10, cls.__name__)
+
+
+class PackedStates(nn.Module):
+    """Packed examples of different lengths, the initial state computed from the example, a classifier on the
+    final states h_n and c_n: their gradients pass through each example's padding steps unchanged."""
+
+    def __init__(self, cls, **kw):
+        super().__init__()
+        self.rnn = cls(EMB, HIDDEN, batch_first=True, **kw)
+        self.layers = self.rnn.num_layers * (2 if self.rnn.bidirectional else 1)
+        self.h_size = getattr(self.rnn, "proj_size", 0) or HIDDEN
+        self.init_h = nn.Linear(EMB, self.layers * self.h_size)
+        self.init_c = nn.Linear(EMB, self.layers * HIDDEN) if cls is nn.LSTM else None
+        self.head = nn.Linear(self.layers * (self.h_size + (HIDDEN if cls is nn.LSTM else 0)), CLASSES)
+
+    def forward(self, x, lengths):  # x (B, T, E), zero past each example's length
+        ctx = x.sum(1)
+        h0 = torch.tanh(self.init_h(ctx)).view(-1, self.layers, self.h_size).transpose(0, 1).contiguous()
+        state = h0
+        if self.init_c is not None:
+            state = (h0, self.init_c(ctx).view(-1, self.layers, HIDDEN).transpose(0, 1).contiguous())
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, final = self.rnn(packed, state)
+        final = final if isinstance(final, tuple) else (final,)
+        return self.head(torch.cat([f.transpose(0, 1).flatten(1) for f in final], 1))
+
+
+@pytest.mark.parametrize("cls,kw", PACKED_CONFIGS, ids=_ids(PACKED_CONFIGS))
+def test_packed_final_states_and_initial_state(cls, kw):
+    torch.manual_seed(58)
+    model = PackedStates(cls, **kw).double()
+    lengths = torch.tensor([3, 7, 1, 5, 6])
+    x = torch.randn(5, 7, EMB, dtype=F64) * (torch.arange(7)[None, :, None] < lengths[:, None, None])
+    y = torch.randint(0, CLASSES, (5,))
+    got = GradNormScorer(model).norms((x, lengths), y, xent)
+    assert_close_rel(got, loop_norms_two(model, x, lengths, y), 1e-10, cls.__name__)
+
+
+def loop_norms_two(model, x, lengths, y):
+    """The per-example float64 loop for a model taking (x, lengths)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in range(x.shape[0]):
+        loss = xent(model(x[i:i + 1], lengths[i:i + 1]), y[i:i + 1]).sum()
+        out.append(sum(g.square().sum() for g in torch.autograd.grad(loss, params)))
+    return torch.stack(out).sqrt()
 
 
 def test_packed_sorted_batch():

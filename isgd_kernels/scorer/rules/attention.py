@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from isgd_kernels._checks import accumulation_dtype
 from isgd_kernels.linear_norms import linear_grad_sq_norms_impl, linear_op_args
 from isgd_kernels.scorer.parts import LinearPart
-from isgd_kernels.scorer.registry import RULES, LayerCapture, register_rule
+from isgd_kernels.scorer.registry import RULES, LayerCapture, Scoring, register_rule
 
 _BLOCKS = ("q", "k", "v")
 
@@ -124,7 +124,7 @@ class _Row:
         return {self.name: g.unsqueeze(1)} if cap.is_trainable(self.name) else {}
 
 
-def _project(score, m: nn.MultiheadAttention, x: torch.Tensor, blocks: tuple) -> torch.Tensor:
+def _project(scoring: Scoring, m: nn.MultiheadAttention, x: torch.Tensor, blocks: tuple) -> torch.Tensor:
     """x (B, T, in) through the in-projection rows of `blocks` (a run of "q", "k", "v"), tapped."""
     E = m.embed_dim
     start, stop = "qkv".index(blocks[0]) * E, ("qkv".index(blocks[-1]) + 1) * E
@@ -139,20 +139,20 @@ def _project(score, m: nn.MultiheadAttention, x: torch.Tensor, blocks: tuple) ->
         b = m.in_proj_bias if (start, stop) == (0, 3 * E) else m.in_proj_bias[start:stop]
     piece = _Projection(x.detach(), weight, "in_proj_bias" if b is not None else None, weight_span,
                         (start, stop, 3 * E))
-    return score(F.linear(x, w, b), piece.norm, piece.grads)
+    return scoring.tap(F.linear(x, w, b), piece.norm, piece.grads)
 
 
-def _in_projections(score, m: nn.MultiheadAttention, query, key, value, same_qk: bool, same_kv: bool):
+def _in_projections(scoring: Scoring, m: nn.MultiheadAttention, query, key, value, same_qk: bool, same_kv: bool):
     """q, k, v (B, T, E): one Linear per distinct input (self-attention: one for the three, as PyTorch)."""
     if same_qk and same_kv and m._qkv_same_embed_dim:
-        return _project(score, m, query, ("q", "k", "v")).chunk(3, -1)
-    q = _project(score, m, query, ("q",))
+        return _project(scoring, m, query, ("q", "k", "v")).chunk(3, -1)
+    q = _project(scoring, m, query, ("q",))
     if same_kv and m._qkv_same_embed_dim:
-        return (q, *_project(score, m, key, ("k", "v")).chunk(2, -1))
-    return q, _project(score, m, key, ("k",)), _project(score, m, value, ("v",))
+        return (q, *_project(scoring, m, key, ("k", "v")).chunk(2, -1))
+    return q, _project(scoring, m, key, ("k",)), _project(scoring, m, value, ("v",))
 
 
-def mha_forward(m: nn.MultiheadAttention, score, query, key, value, key_padding_mask=None, need_weights=True,
+def mha_forward(m: nn.MultiheadAttention, scoring: Scoring, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
     """nn.MultiheadAttention.forward for a scoring pass: F.multi_head_attention_forward's computation (masks,
     bias_k / bias_v, zero attention, the is_causal hint, the explicit-softmax path when weights are returned
@@ -173,9 +173,9 @@ def mha_forward(m: nn.MultiheadAttention, score, query, key, value, key_padding_
     sdpa_causal = bool(is_causal) and key_padding_mask is None and not need_weights
     mask = None if sdpa_causal else _float_mask(attn_mask, dtype)
 
-    q, k, v = _in_projections(score, m, query, key, value, same_qk, same_kv)
+    q, k, v = _in_projections(scoring, m, query, key, value, same_qk, same_kv)
     if m.bias_k is not None:
-        rows = [score(getattr(m, n).expand(B, 1, E), _Row(n).norm, _Row(n).grads) for n in ("bias_k", "bias_v")]
+        rows = [scoring.tap(getattr(m, n).expand(B, 1, E), _Row(n).norm, _Row(n).grads) for n in ("bias_k", "bias_v")]
         k, v = torch.cat([k, rows[0]], 1), torch.cat([v, rows[1]], 1)
         mask = F.pad(mask, (0, 1)) if mask is not None else None
         kpm = F.pad(kpm, (0, 1)) if kpm is not None else None
@@ -208,7 +208,7 @@ def mha_forward(m: nn.MultiheadAttention, score, query, key, value, key_padding_
     ctx = ctx.transpose(1, 2).reshape(B, L, E)
     out_piece = _Projection(ctx.detach(), "out_proj.weight", "out_proj.bias" if m.out_proj.bias is not None
                             else None, (0, E, E), (0, E, E))
-    out = score(F.linear(ctx, m.out_proj.weight, m.out_proj.bias), out_piece.norm, out_piece.grads)
+    out = scoring.tap(F.linear(ctx, m.out_proj.weight, m.out_proj.bias), out_piece.norm, out_piece.grads)
     return (out if m.batch_first else out.transpose(0, 1)), weights
 
 
@@ -341,11 +341,11 @@ def _replay_children(cap: LayerCapture, grad_output) -> tuple[list[_Call], list[
         return hook
 
     def piece_of(rel, module):
-        def score(tensor, norm, grads):
+        def tap(tensor, norm, grads):
             marked = _Mark.apply(anchor, tensor)[0]
             pieces.append(_Tapped(rel, module, norm, marked))
             return marked
-        return score
+        return Scoring(tap, _child_trainable(cap, rel), f"module '{cap.name}.{rel}' ({type(module).__name__})")
 
     handles = [sub.register_forward_hook(record(rel), with_kwargs=True) for rel, sub in children]
     attention = [sub for _, sub in children if type(sub) is nn.MultiheadAttention]
@@ -375,12 +375,15 @@ def _replay_children(cap: LayerCapture, grad_output) -> tuple[list[_Call], list[
     return calls, pieces, got
 
 
+def _child_trainable(cap: LayerCapture, rel: str) -> dict[str, bool]:
+    prefix = f"{rel}."
+    return {n[len(prefix):]: f for n, f in cap.trainable.items() if n.startswith(prefix)}
+
+
 def _child_capture(cap: LayerCapture, rel: str, module: nn.Module, inputs=(), kwargs=None,
                    single_output=True) -> LayerCapture:
-    prefix = f"{rel}."
-    return LayerCapture(f"{cap.name}.{rel}", module,
-                        {n[len(prefix):]: f for n, f in cap.trainable.items() if n.startswith(prefix)},
-                        inputs, kwargs or {}, calls=1, single_output=single_output)
+    return LayerCapture(f"{cap.name}.{rel}", module, _child_trainable(cap, rel), inputs, kwargs or {}, calls=1,
+                        single_output=single_output)
 
 
 def transformer_rule(cap: LayerCapture, grad_output, backend: str) -> torch.Tensor:

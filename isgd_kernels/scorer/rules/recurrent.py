@@ -1,270 +1,334 @@
-"""nn.RNN, nn.LSTM, nn.GRU: exact per-example gradient norms by replaying the recurrence.
+"""nn.RNN, nn.LSTM, nn.GRU: exact per-example gradient norms from the gate gradients of the pass itself.
 
 Per layer and direction, every gate's pre-activation is gi_t + gh_t with gi_t = W_ih x_t + b_ih and
-gh_t = W_hh h_{t-1} + b_hh (GRU: the n gate reads r * gh_n, so gi and gh are kept apart). With dgi, dgh
-the gradients of example i's loss w.r.t. them, its weight gradients are sum_t dgi_t x_t^T and
-sum_t dgh_t h_{t-1}^T, its bias gradients sum_t dgi_t and sum_t dgh_t: each is the Linear problem
-(A = x or h_{t-1}, G = dgi or dgh), so the Linear op's ghost/materialize kernels give the norms.
-LSTM's projection (proj_size): h_t = W_hr (o * tanh(c_t)), the Linear problem (A = o * tanh(c_t),
-G = gradient w.r.t. h_t).
+gh_t = W_hh h_{t-1} + b_hh. With dgi, dgh the gradients of example i's loss w.r.t. them, its weight
+gradients are sum_t dgi_t x_t^T and sum_t dgh_t h_{t-1}^T, its bias gradients sum_t dgi_t and sum_t dgh_t:
+each is the Linear problem (A = x or h_{t-1}, G = dgi or dgh), so the Linear op's ghost/materialize
+kernels give the norms. RNN and LSTM add gi and gh before any nonlinearity, so dgh = dgi; GRU's n gate
+reads r * gh_n, so there dgh_n = r * dgi_n. LSTM's projection (proj_size): h_t = W_hr (o * tanh(c_t)),
+the Linear problem (A = o * tanh(c_t), G = gradient w.r.t. h_t).
 
-The model's forward runs the fused aten/cuDNN kernels, which keep no gate gradients. The rule replays
-the recurrence from the captured input and initial state in PyTorch ops, in the accumulation dtype:
-one GEMM for every gi of a layer, a Python loop over time for the rest; then one autograd.grad from the
-replayed (output, h_n[, c_n]) with the arriving gradients gives every layer's dgi (and dgh, h_t) at
-once, for all examples: they are independent rows. Cost: the replayed forward plus one backward through
-it, in Python ops (no fused kernels). Packed sequences are replayed padded, with each example's state
-frozen past its length, so padding gets zero gradients.
+The fused aten/cuDNN kernels keep no gate gradients, so during a scoring pass the module runs
+`recurrent_forward` instead (the rule's scoring forward, see registry.ScoringForward): per layer and
+direction one GEMM for every gi (tapped: its gradient is dgi), then `_Recurrence`, the recurrence with its
+forward and backward written out step by step. The weights are constants of a scoring pass, so the
+backward is the input-gradient half of backpropagation through time (no weight-gradient GEMMs, no
+autograd graph per step), and the dgi it returns is the gate gradient itself. Nothing is replayed:
+scoring costs about a forward and an input-gradient backward of the recurrence, in PyTorch ops, in the
+accumulation dtype. Packed sequences run padded, each example's state frozen past its length, so padding
+gets zero gradients.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from isgd_kernels._checks import accumulation_dtype
 from isgd_kernels.linear_norms import linear_grad_sq_norms_impl, linear_op_args
-from isgd_kernels.scorer.registry import LayerCapture, register_rule
+from isgd_kernels.scorer.parts import LinearPart
+from isgd_kernels.scorer.registry import LayerCapture, Scoring, register_rule
 
 _RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
-
-
-@dataclass
-class _Direction:
-    """One layer and direction of the replay: the operands of its Linear problems, (B, T, *) batch-first."""
-
-    suffix: str  # parameter-name suffix: "l0", "l1_reverse", ...
-    x: torch.Tensor  # layer input
-    dgi: torch.Tensor
-    prev: torch.Tensor  # state before each step, h_{t-1}
-    dgh: torch.Tensor
-    a: torch.Tensor | None = None  # o * tanh(c_t), the projection's input (proj_size > 0)
-    dh: torch.Tensor | None = None  # gradient w.r.t. the projected h_t
 
 
 def _refuse_dropout(module: nn.Module, label: str) -> None:
     if module.training and module.dropout > 0 and module.num_layers > 1:
         raise ValueError(
             f"GradNormScorer: {label} is in training mode with dropout={module.dropout} between its "
-            "layers: the scorer cannot replay the random masks its forward drew. Score in eval mode "
+            "layers: the scorer cannot follow the random masks of its forward. Score in eval mode "
             "(eval_mode=True, the default), or set its dropout to 0.")
 
 
-def recurrent_batch_dims(module: nn.Module, outputs: list) -> list:
-    """output: dim 0 if batch_first else 1 (a PackedSequence's data and index tensors: none); h_n, c_n: dim 1.
+def _refuse_unbatched(module: nn.Module) -> None:
+    raise ValueError(
+        f"GradNormScorer: {type(module).__name__} {module!r} was called on an unbatched input (a 2-D sequence): "
+        "per-example gradients need a batch. Pass (B, T, features) with batch_first=True, or (T, B, features).")
 
-    The scorer consults this on every call of the module, before it checks the layout: what cannot be scored
-    is refused here, with its reason, rather than as a layout mismatch."""
+
+def recurrent_batch_dims(module: nn.Module, outputs: list) -> list:
+    """output: dim 0 if batch_first else 1 (a PackedSequence's data and index tensors: none); h_n, c_n: dim 1."""
     states = 2 if isinstance(module, nn.LSTM) else 1
-    what = f"{type(module).__name__} {module!r}"
-    _refuse_dropout(module, what)
     if outputs[-states].dim() == 2:
-        raise ValueError(
-            f"GradNormScorer: {what} was called on an unbatched input (a 2-D sequence): per-example "
-            "gradients need a batch. Pass (B, T, features) with batch_first=True, or (T, B, features).")
+        _refuse_unbatched(module)
     # A PackedSequence output brings data, batch_sizes[, sorted_indices, unsorted_indices].
     packed = len(outputs) > 1 + states
     first = [None] * (len(outputs) - states) if packed else [0 if module.batch_first else 1]
     return first + [1] * states
 
 
-def _weights(cap: LayerCapture, acc: torch.dtype) -> dict[str, torch.Tensor]:
-    """The module's weights by name, detached, in the accumulation dtype; refuses parameters it does not
-    know."""
-    module = cap.module
+class _Cell:
+    """One layer and direction: the recurrence's forward and input-gradient backward, step by step, on
+    time-major (T, B, ...) buffers; what the forward keeps is what the backward and the rule's Linear
+    problems read."""
+
+    def __init__(self, mode: str, w_hh, b_hh, w_hr, mask, reverse: bool):
+        self.mode, self.w_hh, self.b_hh, self.w_hr = mode, w_hh, b_hh, w_hr
+        self.mask, self.reverse = mask, reverse  # mask (T, B, 1) bool: step t is within example b's length
+        self.dgh = self.dh = self.a = None
+
+    def _order(self, steps: int):
+        return range(steps - 1, -1, -1) if self.reverse else range(steps)
+
+    def _before(self, after: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+        """The state entering each step, from the state after each step (T, B, ...) and the initial one."""
+        if self.reverse:
+            return torch.cat([after[1:], initial[None]])
+        return torch.cat([initial[None], after[:-1]])
+
+    def forward(self, gi, h0, c0):
+        """gi (T, B, G*H) -> outputs (T, B, H_out) (the state after each step), h_n, c_n (LSTM) or None."""
+        T, B, width = gi.shape
+        mode, w_hh_t, mask = self.mode, self.w_hh.t(), self.mask
+        H = self.w_hh.shape[1] if self.w_hr is None else self.w_hr.shape[1]
+        out = gi.new_empty(T, B, h0.shape[1])
+        self.act = act_all = gi.new_empty(T, B, width)  # the gates after their nonlinearities
+        if mode != "GRU" and self.b_hh is not None:
+            gi = gi + self.b_hh  # added before any nonlinearity: fold it into gi once
+        if mode == "LSTM":
+            self.c = gi.new_empty(T, B, H)  # the cell state after each step
+            if self.w_hr is not None:
+                self.a = gi.new_empty(T, B, H)
+        if mode == "GRU":
+            self.gh_n = gi.new_empty(T, B, H)
+        h, c = h0, c0
+        for t in self._order(T):
+            act = act_all[t]
+            if mode == "LSTM":
+                gates = torch.addmm(gi[t], h, w_hh_t)
+                torch.sigmoid(gates, out=act)
+                torch.tanh(gates[:, 2 * H:3 * H], out=act[:, 2 * H:3 * H])
+                i, f, g, o = act.chunk(4, 1)
+                if mask is None:
+                    c = c_new = torch.mul(f, c, out=self.c[t]).addcmul_(i, g)
+                else:  # past an example's length c_new is not its state; those steps get no gradient
+                    c_new = (f * c).addcmul_(i, g)
+                    c = torch.where(mask[t], c_new, c, out=self.c[t])
+                if self.w_hr is not None:
+                    h_new = torch.mul(o, torch.tanh(c_new), out=self.a[t]) @ self.w_hr.t()
+                elif mask is None:
+                    h = torch.mul(o, torch.tanh(c_new), out=out[t])
+                    continue
+                else:
+                    h_new = o * torch.tanh(c_new)
+            elif mode == "GRU":
+                gh = torch.addmm(self.b_hh, h, w_hh_t) if self.b_hh is not None else h @ w_hh_t
+                torch.add(gi[t, :, :2 * H], gh[:, :2 * H], out=act[:, :2 * H]).sigmoid_()
+                self.gh_n[t] = gh[:, 2 * H:]
+                r, z = act[:, :H], act[:, H:2 * H]
+                n = torch.tanh(torch.addcmul(gi[t, :, 2 * H:], r, gh[:, 2 * H:]), out=act[:, 2 * H:])
+                h_new = torch.lerp(n, h, z)  # (1 - z) n + z h
+            else:
+                pre = torch.addmm(gi[t], h, w_hh_t)
+                h_new = torch.tanh(pre, out=act) if mode == "RNN_TANH" else torch.clamp(pre, min=0, out=act)
+            h = torch.where(mask[t], h_new, h, out=out[t]) if mask is not None else out[t].copy_(h_new)
+        self.prev = self._before(out, h0)
+        if mode == "LSTM":
+            self.c_prev = self._before(self.c, c0)
+        # The final states are copies: the buffers are the backward's.
+        return out, h.clone(), (c.clone() if c is not None else None)
+
+    def backward(self, d_out, dh, dc):
+        """Gradients w.r.t. the outputs (T, B, H_out), h_n, c_n -> dgi (T, B, G*H), dh0, dc0. Keeps dgh
+        (GRU) and, with a projection, the gradient w.r.t. each projected h_t (dh)."""
+        T, B, width = self.act.shape
+        mode, act = self.mode, self.act
+        H = width // {"LSTM": 4, "GRU": 3}.get(mode, 1)
+        dgi = torch.empty_like(act)
+        dh = dh.clone() if dh is not None else self.prev.new_zeros(self.prev.shape[1:])
+        # The derivative of each gate's nonlinearity, for all steps at once.
+        if mode == "LSTM":
+            deriv = act * (1 - act)
+            deriv[..., 2 * H:3 * H] = 1 - act[..., 2 * H:3 * H].square()
+            tc = torch.tanh(self.c)
+            o_dtanh = act[..., 3 * H:] * (1 - tc.square())
+            dc = dc.clone() if dc is not None else self.c.new_zeros(self.c.shape[1:])
+            if self.w_hr is not None:
+                self.dh = torch.empty_like(self.prev)
+        elif mode == "GRU":
+            deriv = act * (1 - act)
+            deriv[..., 2 * H:] = 1 - act[..., 2 * H:].square()
+            self.dgh = torch.empty_like(act)
+        else:
+            deriv = 1 - act.square() if mode == "RNN_TANH" else (act > 0).to(act.dtype)
+        for t in reversed(self._order(T)):
+            if d_out is not None:
+                dh += d_out[t]
+            m = self.mask[t] if self.mask is not None else None
+            dh_new = dh if m is None else dh * m
+            dg = dgi[t]
+            if mode == "LSTM":
+                dc_new = dc if m is None else dc * m
+                if self.w_hr is not None:
+                    self.dh[t] = dh_new
+                    dh_new = dh_new @ self.w_hr
+                i, f, g, _ = act[t].chunk(4, 1)
+                d_i, d_f, d_g, d_o = dg.chunk(4, 1)
+                dct = torch.addcmul(dc_new, dh_new, o_dtanh[t])
+                torch.mul(dct, g, out=d_i)
+                torch.mul(dct, self.c_prev[t], out=d_f)
+                torch.mul(dct, i, out=d_g)
+                torch.mul(dh_new, tc[t], out=d_o)
+                dg.mul_(deriv[t])
+                dc_prev = dct * f
+                dc = dc_prev if m is None else dc_prev + dc * ~m
+                d_prev = dg @ self.w_hh
+            elif mode == "GRU":
+                r, z, n = act[t].chunk(3, 1)
+                d_r, d_z, d_n = dg.chunk(3, 1)
+                torch.mul(dh_new, (1 - z) * deriv[t, :, 2 * H:], out=d_n)  # through n's tanh
+                torch.mul(dh_new, self.prev[t] - n, out=d_z).mul_(deriv[t, :, H:2 * H])
+                torch.mul(d_n, self.gh_n[t], out=d_r).mul_(deriv[t, :, :H])
+                dgh = self.dgh[t]
+                dgh[:, :2 * H] = dg[:, :2 * H]
+                torch.mul(d_n, r, out=dgh[:, 2 * H:])
+                d_prev = torch.addmm(dh_new * z, dgh, self.w_hh)
+            else:
+                torch.mul(dh_new, deriv[t], out=dg)
+                d_prev = dg @ self.w_hh
+            dh = d_prev if m is None else d_prev + dh * ~m
+        return dgi, dh, (dc if mode == "LSTM" else None)
+
+
+class _Recurrence(torch.autograd.Function):
+    """The recurrence of one layer and direction from its gi (T, B, G*H): (outputs (T, B, H_out), h_n[, c_n]).
+    The weights are constants (a scoring pass differentiates no parameter), so backward returns gradients for
+    gi, h0, c0 only."""
+
+    @staticmethod
+    def forward(ctx, gi, h0, c0, cell: _Cell):
+        ctx.cell = cell
+        out, h_n, c_n = cell.forward(gi, h0, c0)
+        return (out, h_n) if c_n is None else (out, h_n, c_n)
+
+    @staticmethod
+    def backward(ctx, d_out, d_hn, d_cn=None):
+        dgi, dh0, dc0 = ctx.cell.backward(d_out, d_hn, d_cn)
+        return dgi, dh0, dc0, None
+
+
+@dataclass
+class _Direction:
+    """The Linear problems of one layer and direction, scored when dgi arrives (after the cell's backward)."""
+
+    suffix: str  # parameter-name suffix: "l0", "l1_reverse", ...
+    x: torch.Tensor  # (T, B, in) the layer's input
+    cell: _Cell
+
+    def problems(self, dgi):
+        """(weight name, bias name or None, A, G) of this direction's weights, batch-first (B, T, ...) views."""
+        cell = self.cell
+        out = [(f"weight_ih_{self.suffix}", f"bias_ih_{self.suffix}", self.x, dgi),
+               (f"weight_hh_{self.suffix}", f"bias_hh_{self.suffix}", cell.prev,
+                cell.dgh if cell.dgh is not None else dgi)]
+        if cell.w_hr is not None:
+            out.append((f"weight_hr_{self.suffix}", None, cell.a, cell.dh))
+        return [(w, b, a.transpose(0, 1), g.transpose(0, 1)) for w, b, a, g in out]
+
+    def norm(self, cap: LayerCapture, dgi, backend: str):
+        total = None
+        for weight, bias, a, g in self.problems(dgi):
+            with_bias = bias is not None and cap.is_trainable(bias)
+            if cap.is_trainable(weight):
+                sq = linear_grad_sq_norms_impl(*linear_op_args(a, g, backend), with_bias, backend, "auto")
+            elif with_bias:
+                sq = g.sum(1).square().sum(-1)
+            else:
+                continue
+            total = sq if total is None else total + sq
+        return total
+
+    def grads(self, cap: LayerCapture, dgi) -> dict:
+        out = {}
+        for weight, bias, a, g in self.problems(dgi):
+            if cap.is_trainable(weight):
+                out[weight] = LinearPart(a, g)
+            if bias is not None and cap.is_trainable(bias):
+                out[bias] = g.sum(1)
+        return out
+
+
+def _refuse_unknown_parameters(module: nn.Module, scoring: Scoring) -> None:
     names = list(module._flat_weights_names)
-    unknown = [n for n, t in cap.trainable.items() if t and n not in names]
+    unknown = [n for n, t in scoring.trainable.items() if t and n not in names]
     if unknown:
         raise ValueError(
-            f"GradNormScorer: {cap.label} has trainable parameters {unknown} that its recurrence does not "
+            f"GradNormScorer: {scoring.label} has trainable parameters {unknown} that its recurrence does not "
             f"read directly (a reparametrization such as weight_norm?); the rule knows {names}. Freeze them "
-            "(requires_grad_(False)), or register a rule for this module with "
-            "isgd_kernels.scorer.register_rule.")
-    return {n: getattr(module, n).detach().to(acc) for n in names}
+            "(requires_grad_(False)), or register a rule for this module with isgd_kernels.scorer.register_rule.")
 
 
-def _inputs(cap: LayerCapture, acc: torch.dtype):
-    """x (B, T, in); lengths (B,) of a packed input, else None; the initial h0, c0 (L*D, B, *) or None."""
-    module = cap.module
-    x, hx = cap.argument(0, "input"), cap.argument(1, "hx")
-    lengths = None
-    if isinstance(x, PackedSequence):
-        x, lengths = pad_packed_sequence(x, batch_first=True)  # examples in their original order
-    elif not isinstance(x, torch.Tensor) or x.dim() != 3:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"GradNormScorer: {cap.label} was called on {got}; per-example gradients need a "
-                         "batched input, (B, T, features) with batch_first=True or (T, B, features), or a "
-                         "PackedSequence.")
-    elif not module.batch_first:
-        x = x.transpose(0, 1)
-    if isinstance(module, nn.LSTM):
-        h0, c0 = hx if hx is not None else (None, None)
+def recurrent_forward(module: nn.RNNBase, scoring: Scoring, input, hx=None):
+    """The module's forward for a scoring pass (see the module docstring): the same outputs, in the module's
+    layout, from the gi GEMMs (tapped) and the written-out recurrence."""
+    _refuse_unknown_parameters(module, scoring)
+    if not torch.is_grad_enabled() or any(w.requires_grad for w in module._flat_weights if w is not None):
+        # No gradient to take, or the scorer runs the call on stand-ins for its parameters (its outputs have
+        # no batch): the module's own forward differentiates them.
+        return type(module).forward(module, input, hx)
+    _refuse_dropout(module, scoring.label)
+    packed = isinstance(input, PackedSequence)
+    if packed:
+        x, lengths = pad_packed_sequence(input, batch_first=True)  # examples in their original order
+    elif not isinstance(input, torch.Tensor) or input.dim() != 3:
+        if isinstance(input, torch.Tensor) and input.dim() == 2:
+            _refuse_unbatched(module)
+        raise ValueError(f"GradNormScorer: {type(module).__name__} was called on {type(input).__name__}; "
+                         "per-example gradients need (B, T, features) with batch_first=True, (T, B, features) "
+                         "or a PackedSequence.")
     else:
-        h0, c0 = hx, None
-    prep = [t.detach().to(acc) if t is not None else None for t in (x, h0, c0)]
-    return prep[0], lengths, prep[1], prep[2]
-
-
-def _output_grads(cap: LayerCapture, grad_output, steps: int, acc: torch.dtype):
-    """The arriving gradients: output (B, T, D*H_out) batch-first and padded, h_n, c_n (L*D, B, *)."""
-    grads = [g.to(acc) for g in grad_output]
-    x = cap.argument(0, "input")
-    if isinstance(x, PackedSequence):  # the output is packed like the input
-        packed = PackedSequence(grads[0], x.batch_sizes, x.sorted_indices, x.unsorted_indices)
-        grads[0] = pad_packed_sequence(packed, batch_first=True, total_length=steps)[0]
-    elif not cap.module.batch_first:
-        grads[0] = grads[0].transpose(0, 1)
-    return grads[0], grads[1], grads[2] if len(grads) > 2 else None
-
-
-def _step(mode: str, gi_t, gh, h, c, w_hr):
-    """One step of the recurrence from gi_t and gh_t = W_hh h_{t-1} + b_hh: (h_t, c_t, a_t)."""
-    if mode == "LSTM":
-        i, f, g, o = (gi_t + gh).chunk(4, 1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        a = torch.sigmoid(o) * torch.tanh(c)
-        return (F.linear(a, w_hr) if w_hr is not None else a), c, a
-    if mode == "GRU":
-        ir, iz, in_ = gi_t.chunk(3, 1)
-        hr, hz, hn = gh.chunk(3, 1)
-        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-        n = torch.tanh(in_ + r * hn)
-        return n + z * (h - n), None, None
-    pre = gi_t + gh
-    return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None, None
-
-
-def _replay(cap: LayerCapture, grad_output) -> list[_Direction]:
-    """Replays the module's call and differentiates it once: the operands of every trainable layer's
-    Linear problems, per direction."""
-    module = cap.module
-    _refuse_dropout(module, cap.label)
-    grad_output = tuple(grad_output) if isinstance(grad_output, (tuple, list)) else (grad_output,)
-    first = cap.argument(0, "input")  # a PackedSequence's .data too
-    acc = accumulation_dtype(grad_output[0].dtype, first.data.dtype)
-    w = _weights(cap, acc)
-    x, lengths, h0, c0 = _inputs(cap, acc)
+        x, lengths = (input if module.batch_first else input.transpose(0, 1)), None
+    lstm = isinstance(module, nn.LSTM)
+    out_dtype = x.dtype
+    acc = accumulation_dtype(x.dtype)
+    w = {n: getattr(module, n).detach().to(acc) for n in module._flat_weights_names}
     batch, steps = x.shape[0], x.shape[1]
-    d_out, d_hn, d_cn = _output_grads(cap, grad_output, steps, acc)
-    mode, lstm = module.mode, isinstance(module, nn.LSTM)
+    h0, c0 = (hx if hx is not None else (None, None)) if lstm else (hx, None)
     dirs = 2 if module.bidirectional else 1
-    hidden = module.hidden_size
-    h_size = getattr(module, "proj_size", 0) or hidden
-    gates = w["weight_ih_l0"].shape[0]  # G * hidden, per direction
+    h_size = getattr(module, "proj_size", 0) or module.hidden_size
     mask = None if lengths is None else (
-        torch.arange(steps, device=x.device)[None, :] < lengths.to(x.device)[:, None]).unsqueeze(-1)
-    # Layers below the lowest trainable one only make its input: no graph for them.
-    lowest = min((int(re.search(r"_l(\d+)", n).group(1)) for n, t in cap.trainable.items() if t),
-                 default=module.num_layers)
-
-    outputs, out_grads = [], []  # what autograd.grad starts from
-    wrt = []  # what it differentiates w.r.t.: each layer's gi; GRU's gh_t, the projected h_t (lists over t)
-    # Per direction of a layer >= lowest: its suffix, input, direction, where its gi, gh_t, h_t are in wrt,
-    # h_{t-1} and a_t.
-    held = []
+        torch.arange(steps, device=x.device)[:, None] < lengths.to(x.device)[None, :]).unsqueeze(-1)
+    h_n, c_n = [], []
     with torch.autocast(x.device.type, enabled=False):
+        # Time-major and contiguous: each step reads a contiguous (B, ...) slice, and the GEMM over all steps
+        # is one (not one per step, as F.linear on a transposed view without weight gradients would be).
+        x = x.to(acc).transpose(0, 1).contiguous()
         for layer in range(module.num_layers):
-            with torch.set_grad_enabled(layer >= lowest):
-                sfx = [f"l{layer}" + ("_reverse" if d else "") for d in range(dirs)]
-                # One GEMM for the input projections of every step and direction of the layer.
-                gi = F.linear(x, torch.cat([w[f"weight_ih_{s}"] for s in sfx]),
-                              torch.cat([w[f"bias_ih_{s}"] for s in sfx]) if module.bias else None)
-                at_gi = len(wrt)
-                if layer >= lowest:
-                    if not gi.requires_grad:
-                        gi.requires_grad_(True)
-                    wrt.append(gi)
-                layer_out = []
-                for d, s in enumerate(sfx):
-                    gis = gi[..., d * gates:(d + 1) * gates].unbind(1)
-                    k = layer * dirs + d
-                    h = h0[k] if h0 is not None else x.new_zeros(batch, h_size)
-                    c = (c0[k] if c0 is not None else x.new_zeros(batch, hidden)) if lstm else None
-                    w_hh, b_hh, w_hr = w[f"weight_hh_{s}"], w.get(f"bias_hh_{s}"), w.get(f"weight_hr_{s}")
-                    outs, prevs, ghs, hps, acts = ([None] * steps for _ in range(5))
-                    for t in (range(steps - 1, -1, -1) if d else range(steps)):
-                        prevs[t] = h
-                        ghs[t] = F.linear(h, w_hh, b_hh)
-                        if mode == "GRU" and layer >= lowest and not ghs[t].requires_grad:
-                            ghs[t].requires_grad_(True)  # from the initial state: a leaf of the replay
-                        hps[t], c_new, acts[t] = _step(mode, gis[t], ghs[t], h, c, w_hr)
-                        if mask is None:
-                            h, c = hps[t], c_new
-                        else:  # past an example's length its state stays as it was (packed semantics)
-                            h = torch.where(mask[:, t], hps[t], h)
-                            c = torch.where(mask[:, t], c_new, c) if lstm else None
-                        outs[t] = h  # padding positions receive zero gradient
-                    layer_out.append(torch.stack(outs, 1))
-                    for final, grad in ((h, d_hn[k]), (c, d_cn[k] if lstm else None)):
-                        if grad is not None and final is not None and final.requires_grad:
-                            outputs.append(final)
-                            out_grads.append(grad)
-                    if layer >= lowest:
-                        at_gh = at_h = None
-                        if mode == "GRU":  # its n gate reads r * gh_n: dgh is not dgi
-                            at_gh = len(wrt)
-                            wrt.extend(ghs)
-                        if w_hr is not None:
-                            at_h = len(wrt)
-                            wrt.extend(hps)
-                        held.append((s, x, d, at_gi, at_gh, at_h, prevs, acts if w_hr is not None else None))
-                x = torch.cat(layer_out, -1) if dirs > 1 else layer_out[0]
-        for d in range(dirs):
-            if layer_out[d].requires_grad:
-                outputs.append(layer_out[d])
-                out_grads.append(d_out[..., d * h_size:(d + 1) * h_size])
-        grads = torch.autograd.grad(outputs, wrt, out_grads, allow_unused=True)
-    grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, wrt)]
-
-    result = []
-    for s, inp, d, at_gi, at_gh, at_h, prevs, acts in held:
-        dgi = grads[at_gi][..., d * gates:(d + 1) * gates]
-        # RNN and LSTM add gi and gh before any nonlinearity: dgh = dgi.
-        dgh = torch.stack(grads[at_gh:at_gh + steps], 1) if at_gh is not None else dgi
-        result.append(_Direction(
-            s, inp.detach(), dgi, torch.stack(prevs, 1).detach(), dgh,
-            torch.stack(acts, 1).detach() if acts is not None else None,
-            torch.stack(grads[at_h:at_h + steps], 1) if at_h is not None else None))
-    return result
-
-
-def _sq_norm(cap: LayerCapture, a: torch.Tensor, g: torch.Tensor, weight: str, bias: str | None,
-             backend: str) -> torch.Tensor:
-    """||sum_t g_t a_t^T||^2 (+ ||sum_t g_t||^2) over the trainable ones of `weight`, `bias`."""
-    with_bias = bias is not None and cap.is_trainable(bias)
-    if cap.is_trainable(weight):
-        return linear_grad_sq_norms_impl(*linear_op_args(a, g, backend), with_bias, backend, "auto")
-    if with_bias:
-        return g.sum(1).square().sum(-1)
-    return g.new_zeros(g.shape[0])
-
-
-def recurrent_rule(cap: LayerCapture, grad_output, backend: str) -> torch.Tensor:
-    total = None
-    for r in _replay(cap, grad_output):
-        sq = (_sq_norm(cap, r.x, r.dgi, f"weight_ih_{r.suffix}", f"bias_ih_{r.suffix}", backend)
-              + _sq_norm(cap, r.prev, r.dgh, f"weight_hh_{r.suffix}", f"bias_hh_{r.suffix}", backend))
-        if r.a is not None:
-            sq = sq + _sq_norm(cap, r.a, r.dh, f"weight_hr_{r.suffix}", None, backend)
-        total = sq if total is None else total + sq
-    return total
-
-
-def recurrent_grads(cap: LayerCapture, grad_output) -> dict[str, torch.Tensor]:
-    """Per-example gradients (B, *shape): sum_t G_t A_t^T for the weights, sum_t G_t for the biases."""
-    grads = {}
-    for r in _replay(cap, grad_output):
-        for name, a, g in (("weight_ih", r.x, r.dgi), ("weight_hh", r.prev, r.dgh), ("weight_hr", r.a, r.dh),
-                           ("bias_ih", None, r.dgi), ("bias_hh", None, r.dgh)):
-            name = f"{name}_{r.suffix}"
-            if cap.is_trainable(name):
-                grads[name] = g.sum(1) if a is None else torch.einsum("btp,btd->bpd", g, a)
-    return grads
+            outs = []
+            for d in range(dirs):
+                sfx = f"l{layer}" + ("_reverse" if d else "")
+                k = layer * dirs + d
+                h = h0[k].to(acc) if h0 is not None else x.new_zeros(batch, h_size)
+                c = (c0[k].to(acc) if c0 is not None else x.new_zeros(batch, module.hidden_size)) if lstm else None
+                cell = _Cell(module.mode, w[f"weight_hh_{sfx}"], w.get(f"bias_hh_{sfx}"), w.get(f"weight_hr_{sfx}"),
+                             mask, reverse=bool(d))
+                gi = F.linear(x, w[f"weight_ih_{sfx}"], w.get(f"bias_ih_{sfx}"))
+                if any(scoring.is_trainable(f"{kind}_{sfx}") for kind in
+                       ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")):
+                    direction = _Direction(sfx, x.detach(), cell)
+                    gi = scoring.tap(gi, direction.norm, direction.grads)
+                result = _Recurrence.apply(gi, h, c if lstm else None, cell)
+                outs.append(result[0])
+                h_n.append(result[1])
+                if lstm:
+                    c_n.append(result[2])
+            x = torch.cat(outs, -1) if dirs > 1 else outs[0]
+    output = x.transpose(0, 1).to(out_dtype)  # (B, T, D * H_out)
+    h_n = torch.stack(h_n).to(out_dtype)
+    if packed:
+        order = input.sorted_indices
+        rows = output if order is None else output.index_select(0, order)
+        data = pack_padded_sequence(rows, lengths if order is None else lengths[order.cpu()], batch_first=True).data
+        output = PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+    elif module.batch_first:
+        output = output.contiguous()
+    else:
+        output = output.transpose(0, 1)
+    return (output, (h_n, torch.stack(c_n).to(out_dtype))) if lstm else (output, h_n)
 
 
 for _cls in _RECURRENT:
-    register_rule(_cls, recurrent_rule, batch_dims=recurrent_batch_dims, grads=recurrent_grads)
+    register_rule(_cls, None, forward=recurrent_forward, batch_dims=recurrent_batch_dims)
