@@ -114,7 +114,9 @@ def _add_train(sub) -> argparse.ArgumentParser:
 
 def _add_plot(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="plot the metrics of finished runs")
-    p.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files) written by `issgd train`")
+    p.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files) written by `issgd train`, "
+                                           "or one output folder of `issgd train --mode both --seeds N` (its "
+                                           "figure and table over seeds)")
     p.add_argument("--out", default="runs/plot.png", help="PNG file to write")
     return p
 
@@ -250,8 +252,14 @@ def _unwritable(out: Path) -> str | None:
 
 
 def _plot(parser: argparse.ArgumentParser, args) -> int:
+    from issgd.compare import seed_folders
     from issgd.report import plot_runs, read_metrics, run_folders
 
+    seeded = [given for given in args.runs if seed_folders(given)]
+    if seeded and len(args.runs) > 1:
+        parser.error(f"{seeded[0]} holds the runs of several seeds: plot it on its own")
+    if seeded:
+        return _plot_seeds(parser, seeded[0], args.out)
     runs = {}
     for run in (folder for given in args.runs for folder in run_folders(given)):
         try:
@@ -264,6 +272,24 @@ def _plot(parser: argparse.ArgumentParser, args) -> int:
         runs[mode if mode not in runs else str(run)] = records
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     print(f"wrote {plot_runs(runs, args.out)}")
+    return 0
+
+
+def _plot_seeds(parser: argparse.ArgumentParser, folder: str, out: str) -> int:
+    """The figure and the table over seeds that `issgd train --mode both --seeds N` made, from its folder."""
+    from issgd.compare import plot_pairs, read_pairs, seeds_summary
+
+    try:
+        pairs, config = read_pairs(folder)
+    except FileNotFoundError as exc:
+        parser.error(str(exc))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        written = plot_pairs(pairs, config, out)
+    except ValueError as exc:  # no diagnostics records in any run
+        parser.error(f"{folder}: {exc}")
+    print("\n" + seeds_summary(pairs, config)[1])
+    print(f"\nwrote {written}")
     return 0
 
 

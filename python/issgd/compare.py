@@ -3,17 +3,20 @@
 One seed (``config.seeds == 1``): ``usgd/`` and ``issgd/`` under ``config.out``, the runs' table and
 the pair's figures. Several: ``seed<k>/usgd`` and ``seed<k>/issgd`` for k = seed, seed+1, ..., each pair
 with its own ``summary.json``, and at the top the median and range over seeds of every figure
-(``report.aggregate``) and a figure with every seed's curves and their median.
+(``report.aggregate``) and a figure with every seed's curves and their median. ``read_pairs`` reads such a
+folder back (``issgd plot``), and ``seeds_summary`` and ``plot_pairs`` give its table and figure again.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+import json
+import re
+from dataclasses import fields, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
-from issgd.report import (FRACTIONS, STYLE, aggregate, comparison, fmt, plot_runs, plot_seeds, seeds_table, table,
-                          to_json, workers_phrase)
+from issgd.report import (FRACTIONS, STYLE, aggregate, comparison, fmt, plot_runs, plot_seeds, read_metrics,
+                          seeds_table, table, to_json, workers_phrase)
 from issgd.threads import master_threads
 from issgd.trainer import TrainConfig, Trainer
 
@@ -37,22 +40,75 @@ def run_comparison(config: TrainConfig) -> dict:
               mininterval=0.5) as bar:
         for k, seed in enumerate(seeds):
             cfg = replace(config, seed=seed, seeds=1, master_threads=threads, progress=False)
-            pairs.append(_run_pair(cfg, out / f"seed{seed}", bar, f"seed {seed} ({k + 1}/{len(seeds)})"))
-            _write(out / f"seed{seed}", pairs[-1], _pair_text(pairs[-1], cfg))
+            pairs.append(_run_pair(cfg, _seed_folder(out, seed), bar, f"seed {seed} ({k + 1}/{len(seeds)})"))
+            _write(_seed_folder(out, seed), pairs[-1], _pair_text(pairs[-1], cfg))
             last = pairs[-1]["comparison"]["steps_to_loss"]
             if last:
                 bar.set_postfix(end_ratio=fmt(last[-1]["ratio"], ".2f"), refresh=False)
-    comparisons = [p["comparison"] for p in pairs]
-    result = {"seeds": seeds, "aggregate": aggregate(comparisons),
+    result, text = seeds_summary(pairs, config)
+    _write(out, result, text)
+    if any(records for p in pairs for records in p["records"].values()):
+        plot_pairs(pairs, config, out / "compare.png")
+    result["text"] = text
+    return result
+
+
+def seeds_summary(pairs: list[dict], config: TrainConfig) -> tuple[dict, str]:
+    """The summary of paired seeds (``_run_pair``'s results, one per seed) with the median and range over them
+    of every figure, and its printable text."""
+    seeds = [p["seed"] for p in pairs]
+    result = {"seeds": seeds, "aggregate": aggregate([p["comparison"] for p in pairs]),
               "per_seed": [{"seed": p["seed"], "comparison": p["comparison"], "runs": p["runs"]} for p in pairs]}
     text = (f"ISSGD against uniform SGD on {config.dataset} ({config.model}, {workers_phrase(config.workers)}, "
             f"c = {config.smoothing}, {config.steps} steps), {len(seeds)} paired seeds {seeds[0]}..{seeds[-1]}:\n\n"
             + seeds_table(result["aggregate"]) + "\n\n" + _seeds_notes(pairs[0], config))
-    _write(out, result, text)
-    if any(records for p in pairs for records in p["records"].values()):
-        plot_seeds([p["records"] for p in pairs], comparisons, out / "compare.png", title=_title(config, len(seeds)))
-    result["text"] = text
-    return result
+    return result, text
+
+
+def plot_pairs(pairs: list[dict], config: TrainConfig, path: str | Path) -> Path:
+    """The figure of paired seeds: every seed's curves, their median and the steps-to-loss ratios."""
+    return plot_seeds([p["records"] for p in pairs], [p["comparison"] for p in pairs], path,
+                      title=_title(config, len(pairs)))
+
+
+def _seed_folder(out: Path, seed: int) -> Path:
+    return out / f"seed{seed}"
+
+
+def seed_folders(out: str | Path) -> list[Path]:
+    """The per-seed folders of a multi-seed comparison's output folder: those its summary.json lists once
+    the comparison has finished, else every seed<k>/ there, by k (empty: not such a folder)."""
+    out = Path(out)
+    if not out.is_dir() or (out / "metrics.jsonl").exists():
+        return []
+    summary = out / "summary.json"
+    listed = json.loads(summary.read_text()).get("seeds") if summary.exists() else None
+    if isinstance(listed, list) and listed:
+        return [_seed_folder(out, seed) for seed in listed]
+    found = [p for p in out.iterdir() if p.is_dir() and re.fullmatch(r"seed\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[len("seed"):]))
+
+
+def read_pairs(out: str | Path) -> tuple[list[dict], TrainConfig]:
+    """The paired runs under a multi-seed comparison's output folder as ``run_comparison`` holds them
+    (records from each run's metrics.jsonl, summaries from its summary.json, each pair's figures computed
+    again from them), and the configuration of its ISSGD runs. FileNotFoundError names a missing file."""
+    pairs = []
+    for folder in seed_folders(out):
+        summaries, records = {}, {}
+        for mode in ("usgd", "issgd"):
+            records[mode] = read_metrics(folder / mode / "metrics.jsonl")
+            summary = folder / mode / "summary.json"
+            if not summary.exists():
+                raise FileNotFoundError(f"no summary at {summary} (written when `issgd train` ends the run)")
+            summaries[mode] = json.loads(summary.read_text())
+        pairs.append({"seed": summaries["issgd"]["config"]["seed"], "runs": summaries, "records": records,
+                      "comparison": comparison(records, summaries)})
+    if not pairs:
+        raise FileNotFoundError(f"no seed<k>/ runs under {out} (written by `issgd train --seeds N`)")
+    known = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in pairs[0]["runs"]["issgd"]["config"].items() if k in known})
+    return pairs, config
 
 
 def _single(config: TrainConfig, out: Path) -> dict:

@@ -52,3 +52,23 @@ def test_plot_finds_the_runs_of_a_comparison_folder(tmp_path, capsys):
 
     assert [run_label(p) for p in run_folders(out)] == ["usgd", "issgd"]
     assert [run_label(p) for p in run_folders(out / "issgd" / "metrics.jsonl")] == ["issgd"]
+
+
+def test_plot_redraws_the_figure_and_table_of_a_multi_seed_folder(tmp_path, capsys):
+    out = tmp_path / "seeds"
+    trained = _run(["train", "--mode", "both", "--seeds", "2", "--steps", "40", "--diag-every", "20",
+                    "--hidden", "16", "--out", str(out), "--no-progress"], capsys)
+    printed = _run(["plot", str(out), "--out", str(tmp_path / "p.png")], capsys)
+    assert "p.png" in printed
+    assert (tmp_path / "p.png").read_bytes() == (out / "compare.png").read_bytes()  # the training run's
+    table = trained.split("\nwrote ")[0].strip()
+    assert "over 2 paired seeds" in table and table in printed
+
+
+def test_plot_of_a_folder_without_runs_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plot", str(tmp_path), "--out", str(tmp_path / "p.png")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"issgd plot: error: no metrics at {tmp_path / 'metrics.jsonl'} "
+                                    "(written by `issgd train`)")
