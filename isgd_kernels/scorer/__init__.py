@@ -28,8 +28,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from isgd_kernels._checks import accumulation_dtype
 from isgd_kernels.scorer import rules  # noqa: F401  (registers the built-in rules)
-from isgd_kernels.scorer.rules.fallback import (autograd_fallback_rule, batched_vjp, in_batched_vjp, per_example_grads,
-                                                replaying, replaying_call, warn_once)
+from isgd_kernels.scorer.rules.fallback import (autograd_fallback_rule, batched_vjp, in_batched_vjp, op_by_vmap,
+                                                per_example_grads, replaying, replaying_call, warn_once)
 from isgd_kernels.scorer.parts import LinearPart, sq_norm_of_sum
 from isgd_kernels.scorer.registry import (RULES, LayerCapture, Rule, Scoring, UnsupportedModuleError, register_rule,
                                           supported_names)
@@ -703,8 +703,13 @@ class _NormTotal:
         dims = use.batch_dims or [0] * len(outputs)
         batch = next(g.shape[d] for g, d in zip(grads, dims) if d is not None)
         result = {pid: grad.new_zeros((batch,) + tuple(leaf.shape)) for pid, leaf in use.leaves}  # (B, *param)
-        batched_vjp(outputs, list(grads), dims, [leaf for _, leaf in use.leaves], consume)
-        use.output = None  # the op's graph is no longer needed for this use
+        leaves = [leaf for _, leaf in use.leaves]
+        chunks = op_by_vmap(use.op, use.output, grad, leaves) if use.op is not None else None
+        if chunks is None:
+            batched_vjp(outputs, list(grads), dims, leaves, consume)
+        for rows, chunk_grads in chunks or ():
+            consume(rows, chunk_grads)
+        use.output = use.op = None  # the op's graph and inputs are no longer needed for this use
         self._add_grads(result)
 
     def check_accounted(self, uses: ParameterUses, full: tuple) -> None:

@@ -51,6 +51,9 @@ class Use:
     # W's per-example gradients stay factored (scorer/parts.py) instead of going through a batched backward
     linear: tuple | None = None
     batch_dims: list | None = None
+    # the op itself: (func, flat inputs, their pytree spec, ids of the inputs that carry parameters), so that
+    # its per-example gradients can be taken by vmap over the examples (rules/fallback.op_by_vmap)
+    op: tuple | None = None
 
 
 @dataclass
@@ -242,6 +245,7 @@ class ParameterUses(TorchFunctionMode):
         if self.paused or not torch.is_grad_enabled():
             return func(*args, **kwargs)  # the scorer's own ops; or no graph, so no gradient from this use
         sources: list = []  # (id(param), leaf) pairs this op reads
+        carriers: set[int] = set()  # ids of the inputs that carry them (stand-ins, derived tensors)
         followed = [False]
 
         def swap(value):
@@ -251,10 +255,12 @@ class ParameterUses(TorchFunctionMode):
             leaf = self._stand_in(value)
             if leaf is not None:
                 sources.append((id(value), leaf))
+                carriers.add(id(leaf))
                 return leaf
             if isinstance(value, torch.Tensor):
                 from_params = self.derived.get(value)
                 if from_params:
+                    carriers.add(id(value))
                     known = {id(leaf) for _, leaf in sources}
                     sources.extend(pair for pair in from_params if id(pair[1]) not in known)
                 if self.follow and value in self.seen:
@@ -267,14 +273,16 @@ class ParameterUses(TorchFunctionMode):
             return func(*args, **kwargs)
         output = func(*new_args, **new_kwargs)
         if isinstance(output, torch.Tensor):
-            return self._classify(func, output, sources, _linear_factors(func, new_args, new_kwargs, sources))
+            factors = _linear_factors(func, new_args, new_kwargs, sources)
+            op = None if factors is not None else (func, *tree_flatten((new_args, new_kwargs)), carriers)
+            return self._classify(func, output, sources, factors, op)
         # Any nesting (F.multi_head_attention_forward returns (output, None)): each tensor in it; a shape, a
         # bool, None: nothing to differentiate.
         leaves, spec = tree_flatten(output)
         return tree_unflatten([self._classify(func, t, sources) if isinstance(t, torch.Tensor) else t
                                for t in leaves], spec)
 
-    def _classify(self, func, output: torch.Tensor, sources: list, factors=None):
+    def _classify(self, func, output: torch.Tensor, sources: list, factors=None, op=None):
         name = getattr(func, "__name__", str(func))
         if not (output.is_floating_point() or output.is_complex()):
             return output
@@ -304,7 +312,7 @@ class ParameterUses(TorchFunctionMode):
             return output
         for pid in {pid for pid, _ in sources}:
             self.uses[pid] += 1
-        use = Use(f"{name} in {self.where()}", output, list(sources), factors)
+        use = Use(f"{name} in {self.where()}", output, list(sources), factors, op=op)
         tapped = self.tap(use, output)
         if self.follow:
             self.seen[tapped] = True

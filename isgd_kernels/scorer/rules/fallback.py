@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 from torch.func import functional_call
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_unflatten
 
 from isgd_kernels._checks import accumulation_dtype
 from isgd_kernels.scorer.registry import LayerCapture
@@ -91,6 +91,64 @@ def batched_vjp(outputs: list, grad_outputs: list, batch_dims: list, inputs: lis
         finally:
             _IN_BATCHED_VJP[0] -= 1
         consume(rows, list(grads))
+
+
+def op_by_vmap(op: tuple, output: torch.Tensor, grad: torch.Tensor, leaves: list) -> list | None:
+    """Per-example gradients of an op-level use (uses.py) without the batched backward's B x |output|
+    cotangents: vmap over the examples of the op's vjp on one example, w.r.t. its inputs that carry
+    parameters (which hold no batch: a positional table added to every example), then one batched backward
+    from those inputs to the stand-in `leaves`.
+
+    op = (func, flat inputs, their pytree spec, ids of the carriers); tensor inputs whose dim 0 is the batch
+    are split. Checked: the vmapped forward must give the op's own output, else (an op that mixes examples,
+    an op vmap cannot run, a carrier with a batch dim) None, and the caller takes the batched backward.
+    Else [(rows, per-leaf gradients (len(rows), *leaf.shape))] chunk by chunk, as batched_vjp hands them
+    to its `consume`."""
+    func, flat, spec, carriers = op
+    batch = grad.shape[0]
+    kinds = []  # per input: "carrier", "split" (its rows go with the examples), or None (as is)
+    for v in flat:
+        batched = isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch
+        if isinstance(v, torch.Tensor) and id(v) in carriers:
+            if batched:
+                return None
+            kinds.append("carrier")
+        else:
+            kinds.append("split" if batched else None)
+    carried = [v for v, k in zip(flat, kinds) if k == "carrier"]
+    split = [v.detach() for v, k in zip(flat, kinds) if k == "split"]
+
+    def one(values, rows, cot):
+        def forward(w):
+            it = {"carrier": iter(w), "split": (r.unsqueeze(0) for r in rows)}
+            a, kw = tree_unflatten([v if k is None else next(it[k]) for v, k in zip(flat, kinds)], spec)
+            return func(*a, **kw).squeeze(0)
+
+        out, pullback = torch.func.vjp(forward, values)
+        return pullback(cot)[0], out
+
+    per_example = sum(t.numel() for t in carried) + grad[0].numel() + output[0].numel()
+    chunk = max(1, min(batch, _CHUNK_ELEMENTS // max(per_example, 1)))
+    results = []
+    try:
+        for start in range(0, batch, chunk):
+            stop = min(batch, start + chunk)
+            with torch.enable_grad():
+                cots, outs = torch.func.vmap(one, in_dims=(None, 0, 0))(
+                    [t.detach() for t in carried], [t[start:stop] for t in split], grad[start:stop])
+            if outs.shape != output[start:stop].shape or not torch.allclose(outs, output[start:stop].detach(),
+                                                                            rtol=1e-5, atol=1e-7):
+                return None
+            _IN_BATCHED_VJP[0] += 1
+            try:
+                got = torch.autograd.grad(carried, leaves, grad_outputs=list(cots), is_grads_batched=True,
+                                          retain_graph=True, allow_unused=True)
+            finally:
+                _IN_BATCHED_VJP[0] -= 1
+            results.append((torch.arange(start, stop, device=grad.device), list(got)))
+    except RuntimeError:  # an op without a batching rule: the batched backward needs none
+        return None
+    return results
 
 
 def replay(cap: LayerCapture) -> tuple[list, dict[str, torch.Tensor]]:
