@@ -210,8 +210,10 @@ class GradNormScorer:
             depends on row i of the outputs only (refuses losses that couple examples, such as InfoNCE);
             and once per set of trainable parameters, by running the model on the batch in another order,
             that every scored activation holds example i in row i of its batch dim (refuses sequence-first
-            activations even when T == B, and layers that mix examples). Tensor inputs whose dim 0 has size
-            B are taken as batched.
+            activations even when T == B), and by one more backward with the losses weighted by random r_i,
+            that every scored activation's gradient is then r_i times the plain one row by row (refuses models
+            that mix the examples after a scored layer: batch statistics outside a BatchNorm module, an op along
+            dim 0). Tensor inputs whose dim 0 has size B are taken as batched.
         fallback: a module with trainable parameters and no rule (a custom or third-party layer) is scored
             by the exact autograd fallback (isgd_kernels.scorer.rules.fallback), with a one-time warning;
             False refuses it instead.
@@ -354,6 +356,8 @@ class GradNormScorer:
                         _check_examples_separate(outputs, losses, batch)
                     if losses.requires_grad:
                         total.backward_started = state.backward_started = True
+                        if probe is not None:
+                            total.record_weighted(losses, anchor)
                         # On a probed pass the backward also takes the batch gradient of every stand-in leaf,
                         # which the uses' per-example gradients must add up to: nothing left out.
                         leaves = [leaf for _, leaf in uses.stand_ins] if probe is not None else []
@@ -623,6 +627,11 @@ class _NormTotal:
         self.parts: dict[int, list] = {}  # id(param) -> its uses' per-example gradients (scorer/parts.py)
         self.leaf_sums: dict[int, torch.Tensor] = {}  # id(stand-in leaf) -> its per-example gradients' sum
         self.checking = False  # a probed pass: the sums are checked against the batch gradients
+        # The examples-separate check of a probed pass (_rows_checked): per tap, the fingerprint of its gradient in
+        # a backward of the losses weighted by `weights`; while `recording`, taps only record it.
+        self.weights: torch.Tensor | None = None
+        self.weighted: dict = {}
+        self.recording = False
 
     def count_uses(self, captures: list[LayerCapture], op_uses) -> None:
         uses = dict(op_uses)
@@ -645,8 +654,34 @@ class _NormTotal:
             else:
                 self._add(self.owner[pid], sq_norm_of_sum([g], self.backend))
 
+    def _rows_checked(self, key, label: str, grads: tuple, dims: list) -> bool:
+        """In the weighted backward, record the tap's gradient (True: nothing else to do); in the scoring backward,
+        check that the weighted one was this one scaled row by row by the weights."""
+        if self.weights is None:
+            return False
+        prints = [fingerprint(g, d) if g is not None and d is not None else None for g, d in zip(grads, dims)]
+        if self.recording:
+            self.weighted[key] = prints
+            return True
+        for g, plain, weighted in zip(grads, prints, self.weighted.get(key, ())):
+            if plain is None or weighted is None:
+                continue
+            r = self.weights.to(plain[0])
+            rtol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(g.dtype, 1e-2)
+            if not bool(((weighted[0] - r * plain[0]).abs() <= rtol * torch.maximum(weighted[1], r * plain[1])
+                         + 1e-300).all()):
+                raise ValueError(
+                    f"GradNormScorer: the output gradients of {label} are not per-example: example i's loss depends "
+                    "on other examples through an operation after it, which mixes the examples of the batch "
+                    "(statistics over the batch outside a BatchNorm module, an operation along dim 0), so the "
+                    "backward does not give per-example gradients there. Compute such statistics per example, or "
+                    "use running statistics. (check_examples_separate=False skips this check.)")
+        return False
+
     def add_call(self, call: LayerCapture, grads: tuple) -> None:
         """A scored module call's output gradients arrived."""
+        if self._rows_checked(id(call), call.label, grads, call.batch_dims):
+            return
         spec = RULES.get(type(call.module))
         grad_output = grads[0] if call.single_output else tuple(grads)
         params = call.trainable_parameters()
@@ -666,6 +701,8 @@ class _NormTotal:
 
     def add_piece(self, piece: _Piece, grad: torch.Tensor) -> None:
         """The gradient of a tensor a scoring forward tapped inside a scored call arrived."""
+        if self.recording:
+            return
         call = piece.call
         params = call.trainable_parameters()
         if any(id(p) in self.multi for p in params.values()):
@@ -678,6 +715,9 @@ class _NormTotal:
     def add_use(self, use: Use, grads: tuple) -> None:
         """An op-level use's output gradient arrived: one batched backward through the op (and the ops without
         the batch before it) to its stand-in leaves; a parameter read through several leaves sums them."""
+        outputs = use.output if isinstance(use.output, list) else [use.output]
+        if self._rows_checked(id(use), use.what, grads, use.batch_dims or [0] * len(outputs)):
+            return
         grad = grads[0]  # an op's use: its one output's gradient
         if use.linear is not None:  # F.linear on a weight: factored, no batched backward
             x, (wid, wleaf), bias = use.linear
@@ -699,7 +739,6 @@ class _NormTotal:
                     result[pid][rows] += g.to(grad.dtype)
                     self.leaf_sums[id(leaf)] = self.leaf_sums.get(id(leaf), 0) + g.double().sum(0)
 
-        outputs = use.output if isinstance(use.output, list) else [use.output]
         dims = use.batch_dims or [0] * len(outputs)
         batch = next(g.shape[d] for g, d in zip(grads, dims) if d is not None)
         result = {pid: grad.new_zeros((batch,) + tuple(leaf.shape)) for pid, leaf in use.leaves}  # (B, *param)
@@ -711,6 +750,20 @@ class _NormTotal:
             consume(rows, chunk_grads)
         use.output = use.op = None  # the op's graph and inputs are no longer needed for this use
         self._add_grads(result)
+
+    def record_weighted(self, losses: torch.Tensor, anchor: torch.Tensor) -> None:
+        """The first half of the examples-separate check (_rows_checked): a backward of the losses weighted by
+        random r to every tap. With examples that do not mix, each tap's gradient is then r_i times the one
+        the scoring backward brings, row by row."""
+        gen = torch.Generator(device=losses.device).manual_seed(1)
+        self.weights = (torch.rand(losses.shape[0], generator=gen, device=losses.device, dtype=torch.float64)
+                        + 0.5)
+        self.recording = True
+        try:
+            torch.autograd.grad((losses * self.weights.to(losses.dtype)).sum(), [anchor], retain_graph=True,
+                                allow_unused=True)
+        finally:
+            self.recording = False
 
     def check_accounted(self, uses: ParameterUses, full: tuple) -> None:
         """The per-example gradients the uses took of each stand-in leaf add up to the leaf's batch gradient:

@@ -396,3 +396,29 @@ def test_sequence_first_layers_without_rules_are_followed_exactly(monkeypatch):
     with pytest.warns(UserWarning, match="exact autograd fallback"):
         scorer = GradNormScorer(model)
     assert_close_rel(scorer.norms(x, y, xent), per_example_grad_norms_loop(model, xent, x, y), 1e-10)
+
+
+
+class BatchStatsAffine(nn.Module):
+    """A Linear layer whose output is normalized with the batch's statistics by a functional op (not a
+    BatchNorm module): example i's loss depends on every example's activations."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.head((h - h.mean(0)) / h.std(0))
+
+
+def test_a_model_that_mixes_the_examples_of_a_batch_is_refused():
+    """Permuting the batch permutes the outputs, so the layout probe passes; the weighted backward of the probed
+    pass finds the output gradient of 'lin' not per-example."""
+    torch.manual_seed(70)
+    model = BatchStatsAffine()
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match=r"output gradients of module 'lin' \(Linear\) are not per-example"):
+        GradNormScorer(model).norms(x, y, xent)
+    GradNormScorer(model, check_examples_separate=False).norms(x, y, xent)  # unchecked, as asked

@@ -146,7 +146,7 @@ def op_by_vmap(op: tuple, output: torch.Tensor, grad: torch.Tensor, leaves: list
             finally:
                 _IN_BATCHED_VJP[0] -= 1
             results.append((torch.arange(start, stop, device=grad.device), list(got)))
-    except RuntimeError:  # an op without a batching rule: the batched backward needs none
+    except (RuntimeError, ValueError):  # an op without a batching rule, or one that refuses a lone example
         return None
     return results
 
