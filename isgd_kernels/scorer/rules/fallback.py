@@ -93,6 +93,28 @@ def batched_vjp(outputs: list, grad_outputs: list, batch_dims: list, inputs: lis
         consume(rows, list(grads))
 
 
+# Broadcasting binary ops whose vjp w.r.t. one operand is known in closed form: x + c (a positional table
+# added to every example), x * c (a LayerScale gamma). Their per-example gradients need no vmap.
+_BINARY = {torch.add: "add", torch.Tensor.add: "add", torch.Tensor.__add__: "add", torch.Tensor.__radd__: "add",
+           torch.mul: "mul", torch.Tensor.mul: "mul", torch.Tensor.__mul__: "mul", torch.Tensor.__rmul__: "mul"}
+
+
+def _binary_grads(func, flat: list, kinds: list, grad: torch.Tensor) -> list | None:
+    """[(B, *c.shape)] per-example gradients of c + x or c * x w.r.t. the carrier c (no batch), x batched with
+    the output's shape; None for any other op or layout."""
+    kind = _BINARY.get(func)
+    if kind is None or len(flat) != 2 or sorted(map(str, kinds)) != ["carrier", "split"]:
+        return None
+    c, x = flat if kinds[0] == "carrier" else flat[::-1]
+    if x.shape != grad.shape or c.dim() > grad.dim():
+        return None
+    padded = (1,) * (grad.dim() - c.dim()) + tuple(c.shape)  # c broadcast against the batch
+    if padded[0] != 1:
+        return None
+    g = grad if kind == "add" else grad * x.detach()
+    return [g.sum_to_size((grad.shape[0],) + padded[1:]).reshape((grad.shape[0],) + tuple(c.shape))]
+
+
 def op_by_vmap(op: tuple, output: torch.Tensor, grad: torch.Tensor, leaves: list) -> list | None:
     """Per-example gradients of an op-level use (uses.py) without the batched backward's B x |output|
     cotangents: vmap over the examples of the op's vjp on one example, w.r.t. its inputs that carry
@@ -100,7 +122,8 @@ def op_by_vmap(op: tuple, output: torch.Tensor, grad: torch.Tensor, leaves: list
     from those inputs to the stand-in `leaves`.
 
     op = (func, flat inputs, their pytree spec, ids of the carriers); tensor inputs whose dim 0 is the batch
-    are split. Checked: the vmapped forward must give the op's own output, else (an op that mixes examples,
+    are split. `x + c` and `x * c` need no vmap: their per-example vjp is closed-form (_binary_grads).
+    Checked: the vmapped forward must give the op's own output, else (an op that mixes examples,
     an op vmap cannot run, a carrier with a batch dim) None, and the caller takes the batched backward.
     Else [(rows, per-leaf gradients (len(rows), *leaf.shape))] chunk by chunk, as batched_vjp hands them
     to its `consume`."""
@@ -117,6 +140,20 @@ def op_by_vmap(op: tuple, output: torch.Tensor, grad: torch.Tensor, leaves: list
             kinds.append("split" if batched else None)
     carried = [v for v, k in zip(flat, kinds) if k == "carrier"]
     split = [v.detach() for v, k in zip(flat, kinds) if k == "split"]
+
+    def to_leaves(start, stop, cots):
+        """(rows, per-leaf gradients): the carriers' per-example gradients carried back to the leaves."""
+        _IN_BATCHED_VJP[0] += 1
+        try:
+            got = torch.autograd.grad(carried, leaves, grad_outputs=list(cots), is_grads_batched=True,
+                                      retain_graph=True, allow_unused=True)
+        finally:
+            _IN_BATCHED_VJP[0] -= 1
+        return torch.arange(start, stop, device=grad.device), list(got)
+
+    closed_form = _binary_grads(func, flat, kinds, grad)
+    if closed_form is not None:
+        return [to_leaves(0, batch, closed_form)]
 
     def one(values, rows, cot):
         def forward(w):
@@ -141,13 +178,7 @@ def op_by_vmap(op: tuple, output: torch.Tensor, grad: torch.Tensor, leaves: list
             if outs.shape != want.shape or not (torch.equal(outs, want)
                                                 or torch.allclose(outs, want, rtol=1e-5, atol=1e-7)):
                 return None
-            _IN_BATCHED_VJP[0] += 1
-            try:
-                got = torch.autograd.grad(carried, leaves, grad_outputs=list(cots), is_grads_batched=True,
-                                          retain_graph=True, allow_unused=True)
-            finally:
-                _IN_BATCHED_VJP[0] -= 1
-            results.append((torch.arange(start, stop, device=grad.device), list(got)))
+            results.append(to_leaves(start, stop, cots))
     except (RuntimeError, ValueError):  # an op without a batching rule, or one that refuses a lone example
         return None
     return results
