@@ -18,8 +18,9 @@ import copy
 import dataclasses
 import functools
 import warnings
-from dataclasses import dataclass
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -151,29 +152,48 @@ class _PieceTap(torch.autograd.Function):
 
 class _ScoringForwards:
     """For the length of a pass, the modules whose rule has a scoring forward (RuleSpec.forward) run it in place
-    of their own forward; the pieces it taps wait for the call's hook, which gives them the call to score."""
+    of their own forward; the pieces it taps wait for the call's hook, which gives them the call to score.
+    Only a call through the module (its hooks run) runs the scoring forward: a direct `module.forward(...)`
+    runs the module's own, whose parameter uses the op watch scores as uses outside a call."""
 
     def __init__(self, captures: list[LayerCapture]):
         self.captures = [cap for cap in captures
                          if not cap.per_use and getattr(RULES.get(type(cap.module)), "forward", None) is not None]
         self.anchor: torch.Tensor | None = None  # None: pieces are not tapped
         self.pending: dict = {}  # module -> its running call's pieces
+        self.calling: Counter = Counter()  # module -> calls of it running
         self.saved: list = []
+        self.handles: list = []
 
     def __enter__(self):
+        def enter(module, args):
+            self.calling[module] += 1
+
+        def leave(module, args, output):
+            self.calling[module] -= 1
+
         for cap in self.captures:
             module = cap.module
             self.saved.append((module, module.__dict__.get("forward")))
             scoring = Scoring(functools.partial(self.score, module), cap.trainable, cap.label)
-            module.forward = functools.partial(RULES[type(module)].forward, module, scoring)
+            module.forward = functools.partial(self.forward, module, scoring)
+            self.handles += [module.register_forward_pre_hook(enter),
+                             module.register_forward_hook(leave, always_call=True)]
         return self
 
     def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
         for module, forward in self.saved:
             del module.forward
             if forward is not None:
                 module.forward = forward
-        self.saved = []
+        self.saved, self.handles = [], []
+
+    def forward(self, module, scoring, *args, **kwargs):
+        if self.calling[module]:
+            return RULES[type(module)].forward(module, scoring, *args, **kwargs)
+        return type(module).forward(module, *args, **kwargs)
 
     def score(self, module, tensor, norm, grads):
         if self.anchor is None or replaying() or not torch.is_grad_enabled():

@@ -522,3 +522,25 @@ def test_sequence_first_transformer_with_a_custom_trainable_part_is_refused():
     inputs, target = _seq2seq_inputs(3)
     with pytest.raises(ValueError, match=r"holds 'encoder' \(Scale\)"):
         GradNormScorer(Net().double()).norms(inputs[:2], target, weighted_loss)
+
+
+class DirectForward(nn.Module):
+    """An attention layer and an LSTM each called through the module and by `.forward(...)` directly (no hooks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(E, HEADS, batch_first=True)
+        self.lstm = nn.LSTM(E, E, batch_first=True)
+
+    def forward(self, x):
+        h = x[:, :L, :E]
+        h = h + self.mha.forward(h, h, h, need_weights=False)[0] + self.mha(h, h, h)[0]
+        return self.lstm.forward(h)[0] + self.lstm(h)[0]
+
+
+def test_direct_forward_calls_are_scored_by_the_op_watch():
+    torch.manual_seed(9)
+    model = DirectForward().double()
+    x, target = torch.randn(4, L + S, E, dtype=F64), torch.randn(4, L, E, dtype=F64)
+    got = GradNormScorer(model).norms(x, target, weighted_loss)
+    assert_close_rel(got, loop_norms(model, weighted_loss, (x,), target), 1e-10)
