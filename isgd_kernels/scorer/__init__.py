@@ -225,9 +225,10 @@ class GradNormScorer:
         eval_mode: run the scoring pass in eval mode (dropout off, BatchNorm on running stats);
             the model's mode is restored afterwards.
         backend: kernel backend for the per-layer norms ("auto", "triton", "cuda", "cpu", "torch").
-        check_examples_separate: check that per-example gradients are what the scorer computes: every
-            pass, through the loss alone (two small backward passes, no model layer), that example i's loss
-            depends on row i of the outputs only (refuses losses that couple examples, such as InfoNCE);
+        check_examples_separate: check that per-example gradients are what the scorer computes: on the
+            first pass with each loss function (and whenever the model is probed), through the loss alone
+            (two backward passes, no model layer), that example i's loss depends on row i of the outputs
+            only (refuses losses that couple examples, such as InfoNCE);
             and once per set of trainable parameters, by running the model on the batch in another order,
             that every scored activation holds example i in row i of its batch dim (refuses sequence-first
             activations even when T == B), and by one more backward with the losses weighted by random r_i,
@@ -253,8 +254,9 @@ class GradNormScorer:
         self.backend = backend
         self.check_examples_separate = check_examples_separate
         self.fallback = fallback
-        self._probed: tuple | None = None
-        self._warned_no_probe = False  # (trainable signature, verdicts of its op-level uses)
+        self._probed: tuple | None = None  # (trainable signature, verdicts of its op-level uses and calls)
+        self._warned_no_probe = False
+        self._loss_checked = None  # the loss function the last loss check passed
         self._per_layer: dict | None = None  # set by verify() to record each layer's share
         self.layers: list[LayerCapture] = self._plan()  # fail early on unsupported modules
 
@@ -372,8 +374,9 @@ class GradNormScorer:
                             "are not the same losses in reverse order: example i's loss depends on other examples, or "
                             "dim 0 of the inputs is not the batch (an unbatched input, a sequence-first one). Pass "
                             "batch-first inputs and a loss whose i-th entry depends on example i alone.")
-                    if self.check_examples_separate:
+                    if self.check_examples_separate and (probe is not None or loss_fn is not self._loss_checked):
                         _check_examples_separate(outputs, losses, batch)
+                        self._loss_checked = loss_fn
                     if losses.requires_grad:
                         total.backward_started = state.backward_started = True
                         if probe is not None:

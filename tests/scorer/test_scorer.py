@@ -396,7 +396,11 @@ def test_losses_that_couple_examples_are_refused():
     for loss_fn in (info_nce, normalised):
         with pytest.raises(ValueError, match="couples the examples"):
             GradNormScorer(model).norms(x, y, loss_fn)
-    GradNormScorer(model).norms(x, y, xent)  # a per-example loss passes
+    scorer = GradNormScorer(model)
+    scorer.norms(x, y, xent)  # a per-example loss passes
+    scorer.norms(x, y, xent)  # (checked once per loss function)
+    with pytest.raises(ValueError, match="couples the examples"):  # another loss on a later pass: checked
+        scorer.norms(x, y, info_nce)
 
 
 def test_sequence_first_output_is_refused_even_when_T_equals_B():
