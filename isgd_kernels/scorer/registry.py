@@ -36,6 +36,8 @@ class LayerCapture:
     batch_dims: list = field(default_factory=list)  # of the call's floating outputs (None: no batch)
     single_output: bool = True  # the call returned one tensor (its rule gets one gradient, not a tuple)
     outputs: list = field(default_factory=list)  # its floating outputs, kept for a call without a rule
+    # trainable_parameters(), looked up once (the copies of a capture made for each call share it)
+    resolved: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -51,10 +53,14 @@ class LayerCapture:
 
     def is_trainable(self, param: str) -> bool:
         """The module has a parameter `param` (not None) that required grad when the pass began."""
-        return self.trainable.get(param, False) and self.parameter(param) is not None
+        return param in self.trainable_parameters()
 
     def trainable_parameters(self) -> dict[str, torch.Tensor]:
-        return {name: self.module.get_parameter(name) for name, flag in self.trainable.items() if flag}
+        """{name: parameter} of those that required grad when the pass began (do not modify: it is shared)."""
+        if self.resolved is None:
+            found = {name: self.parameter(name) for name, flag in self.trainable.items() if flag}
+            self.resolved = {name: p for name, p in found.items() if p is not None}
+        return self.resolved
 
     def argument(self, position: int, name: str, default=None):
         """The call's argument at `position`, or passed by keyword as `name`."""
