@@ -208,6 +208,8 @@ class _ScoringForwards:
 
 def _tap(anchor, call, norm_fn, output):
     """`output` (a tensor or a nesting of them) with its floating tensors tapped."""
+    if isinstance(output, torch.Tensor) and (output.is_floating_point() or output.is_complex()):
+        return _NormTap.apply(anchor, call, norm_fn, output)[0]
     leaves, spec = tree_flatten(output)
     where = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
     tapped = _NormTap.apply(anchor, call, norm_fn, *(leaves[i] for i in where))
@@ -539,9 +541,9 @@ class GradNormScorer:
             carried = state.uses.sources_of((inputs, kwargs))
             cap.calls += 1
             # Activations are data for the norm kernels, not part of the graph to differentiate.
-            call = dataclasses.replace(
-                cap, inputs=tuple(i.detach() if isinstance(i, torch.Tensor) else i for i in inputs),
-                kwargs={k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+            call = copy.copy(cap)  # this call's capture (a shallow copy: cheaper than dataclasses.replace)
+            call.inputs = tuple(i.detach() if isinstance(i, torch.Tensor) else i for i in inputs)
+            call.kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
             floating = [d for t, d in zip(outs, dims) if t.is_floating_point() or t.is_complex()]
             call.batch_dims, call.single_output = floating, isinstance(output, torch.Tensor)
             if type(module) not in RULES:  # the fallback checks its vmapped forward against them
