@@ -191,6 +191,8 @@ class ParameterUses(TorchFunctionMode):
 
     def sources_of(self, tree) -> list:
         """The (id(param), leaf) pairs the tensors in `tree` (a call's inputs) were computed from."""
+        if not len(self.derived):  # no tensor of this pass comes from parameters outside their modules
+            return []
         pairs, known = [], set()
         for t in tree_leaves(tree):
             if isinstance(t, torch.Tensor):
@@ -376,4 +378,6 @@ def judge_call(cap: LayerCapture, outputs: list, dims: list, batch: int, probe: 
 
 
 def tensor_outputs(output) -> list:
+    if isinstance(output, torch.Tensor):
+        return [output]
     return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
