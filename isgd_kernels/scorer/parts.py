@@ -20,7 +20,17 @@ from dataclasses import dataclass
 import torch
 
 from isgd_kernels._checks import accumulation_dtype
-from isgd_kernels.linear_norms import linear_grad_sq_norms_impl
+from isgd_kernels.linear_norms import linear_grad_sq_norms_impl, linear_op_args
+
+
+def linear_sq_norms(x: torch.Tensor, g: torch.Tensor, weight: bool, bias: bool, backend: str) -> torch.Tensor:
+    """(B,) squared norm of each example's gradient of a Linear map's weight (when `weight`) and bias (when
+    `bias`): x (B, *, d_in) its input, g (B, *, d_out) the gradient w.r.t. its output; x is not read for the
+    bias alone."""
+    if weight:
+        return linear_grad_sq_norms_impl(*linear_op_args(x, g, backend), bias, backend, "auto")
+    g = g.reshape(g.shape[0], -1, g.shape[-1]).to(accumulation_dtype(g.dtype))
+    return g.sum(1).square().sum(-1)
 
 
 @dataclass

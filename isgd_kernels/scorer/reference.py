@@ -38,14 +38,16 @@ def per_example_grad_norms_vmap(model: torch.nn.Module, loss_fn, inputs: torch.T
     return torch.cat(norms)
 
 
-def per_example_grad_norms_loop(model: torch.nn.Module, loss_fn, inputs: torch.Tensor,
+def per_example_grad_norms_loop(model: torch.nn.Module, loss_fn, inputs: torch.Tensor | tuple,
                                 targets: torch.Tensor) -> torch.Tensor:
-    """Oracle: one autograd backward per example (also for layers vmap cannot run), float64 sums."""
+    """Oracle: one autograd backward per example (also for layers vmap cannot run), float64 sums. `inputs`
+    is the batched input, or a tuple of batched positional inputs (each sliced per example)."""
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
     params = [p for p in model.parameters() if p.requires_grad]
     out = []
-    for i in range(inputs.shape[0]):
-        loss = loss_fn(model(inputs[i:i + 1]), targets[i:i + 1]).sum()
+    for i in range(args[0].shape[0]):
+        loss = loss_fn(model(*(a[i:i + 1] for a in args)), targets[i:i + 1]).sum()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         sq = sum(g.to_dense().double().square().sum() for g in grads if g is not None)
-        out.append(torch.as_tensor(sq, dtype=torch.float64, device=inputs.device))
+        out.append(torch.as_tensor(sq, dtype=torch.float64, device=args[0].device))
     return torch.stack(out).sqrt()

@@ -276,7 +276,8 @@ class ParameterUses(TorchFunctionMode):
         output = func(*new_args, **new_kwargs)
         if isinstance(output, torch.Tensor):
             factors = _linear_factors(func, new_args, new_kwargs, sources)
-            op = None if factors is not None else (func, *tree_flatten((new_args, new_kwargs)), carriers)
+            # Use.op, built only for an output that becomes a use
+            op = None if factors is not None else lambda: (func, *tree_flatten((new_args, new_kwargs)), carriers)
             return self._classify(func, output, sources, factors, op)
         # Any nesting (F.multi_head_attention_forward returns (output, None)): each tensor in it; a shape, a
         # bool, None: nothing to differentiate.
@@ -314,7 +315,7 @@ class ParameterUses(TorchFunctionMode):
             return output
         for pid in {pid for pid, _ in sources}:
             self.uses[pid] += 1
-        use = Use(f"{name} in {self.where()}", output, list(sources), factors, op=op)
+        use = Use(f"{name} in {self.where()}", output, list(sources), factors, op=op() if op else None)
         tapped = self.tap(use, output)
         if self.follow:
             self.seen[tapped] = True

@@ -11,9 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from isgd_kernels import GradNormScorer
-from isgd_kernels.scorer import register_rule
 from isgd_kernels.scorer.reference import per_example_grad_norms_vmap
-from isgd_kernels.scorer.registry import RULES
 from tests.utils import DEVICES, assert_close_rel
 
 F64 = torch.float64

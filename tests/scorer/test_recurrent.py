@@ -172,14 +172,15 @@ class WithInitialState(nn.Module):
         self.init_c = nn.Linear(EMB, self.layers * HIDDEN) if cls is nn.LSTM else None
         self.head = nn.Linear(_out_features(self.rnn), CLASSES)
 
-    def forward(self, x):  # x (B, T, E); its mean over time sets the initial state
-        ctx = x.mean(1)
+    def initial_state(self, ctx):
+        """h0, or (h0, c0) for an LSTM, (layers, B, *) from a per-example summary ctx (B, E)."""
         h0 = torch.tanh(self.init_h(ctx)).view(-1, self.layers, self.h_size).transpose(0, 1).contiguous()
-        if self.init_c is not None:
-            c0 = self.init_c(ctx).view(-1, self.layers, HIDDEN).transpose(0, 1).contiguous()
-            out, _ = self.rnn(x, (h0, c0))
-        else:
-            out, _ = self.rnn(x, h0)
+        if self.init_c is None:
+            return h0
+        return h0, self.init_c(ctx).view(-1, self.layers, HIDDEN).transpose(0, 1).contiguous()
+
+    def forward(self, x):  # x (B, T, E); its mean over time sets the initial state
+        out, _ = self.rnn(x, self.initial_state(x.mean(1)))
         return self.head(out.mean(1))
 
 
@@ -258,27 +259,17 @@ def test_packed_sequences(cls, kw, batch_first):
     assert_close_rel(got, loop_norms(model, packed_loss, tokens, targets), 1e-10, cls.__name__)
 
 
-class PackedStates(nn.Module):
+class PackedStates(WithInitialState):
     """Packed examples of different lengths, the initial state computed from the example, a classifier on the
     final states h_n and c_n: their gradients pass through each example's padding steps unchanged."""
 
     def __init__(self, cls, **kw):
-        super().__init__()
-        self.rnn = cls(EMB, HIDDEN, batch_first=True, **kw)
-        self.layers = self.rnn.num_layers * (2 if self.rnn.bidirectional else 1)
-        self.h_size = getattr(self.rnn, "proj_size", 0) or HIDDEN
-        self.init_h = nn.Linear(EMB, self.layers * self.h_size)
-        self.init_c = nn.Linear(EMB, self.layers * HIDDEN) if cls is nn.LSTM else None
+        super().__init__(cls, **kw)
         self.head = nn.Linear(self.layers * (self.h_size + (HIDDEN if cls is nn.LSTM else 0)), CLASSES)
 
     def forward(self, x, lengths):  # x (B, T, E), zero past each example's length
-        ctx = x.sum(1)
-        h0 = torch.tanh(self.init_h(ctx)).view(-1, self.layers, self.h_size).transpose(0, 1).contiguous()
-        state = h0
-        if self.init_c is not None:
-            state = (h0, self.init_c(ctx).view(-1, self.layers, HIDDEN).transpose(0, 1).contiguous())
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        _, final = self.rnn(packed, state)
+        _, final = self.rnn(packed, self.initial_state(x.sum(1)))
         final = final if isinstance(final, tuple) else (final,)
         return self.head(torch.cat([f.transpose(0, 1).flatten(1) for f in final], 1))
 
@@ -291,17 +282,7 @@ def test_packed_final_states_and_initial_state(cls, kw):
     x = torch.randn(5, 7, EMB, dtype=F64) * (torch.arange(7)[None, :, None] < lengths[:, None, None])
     y = torch.randint(0, CLASSES, (5,))
     got = GradNormScorer(model).norms((x, lengths), y, xent)
-    assert_close_rel(got, loop_norms_two(model, x, lengths, y), 1e-10, cls.__name__)
-
-
-def loop_norms_two(model, x, lengths, y):
-    """The per-example float64 loop for a model taking (x, lengths)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    out = []
-    for i in range(x.shape[0]):
-        loss = xent(model(x[i:i + 1], lengths[i:i + 1]), y[i:i + 1]).sum()
-        out.append(sum(g.square().sum() for g in torch.autograd.grad(loss, params)))
-    return torch.stack(out).sqrt()
+    assert_close_rel(got, loop_norms(model, xent, (x, lengths), y), 1e-10, cls.__name__)
 
 
 def test_packed_sorted_batch():

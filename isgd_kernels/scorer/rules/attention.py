@@ -32,11 +32,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from isgd_kernels._checks import accumulation_dtype
-from isgd_kernels.linear_norms import linear_grad_sq_norms_impl, linear_op_args
-from isgd_kernels.scorer.parts import LinearPart
+from isgd_kernels.scorer.parts import LinearPart, linear_sq_norms
 from isgd_kernels.scorer.registry import RULES, LayerCapture, Scoring, register_rule
-
-_BLOCKS = ("q", "k", "v")
 
 
 # ------------------------------------------------------------------------------ MultiheadAttention
@@ -73,13 +70,6 @@ def _float_mask(mask, dtype):
     return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
 
 
-def _linear_sq(x: torch.Tensor, g: torch.Tensor, weight: bool, bias: bool, backend: str) -> torch.Tensor:
-    """Per-example squared norm of a Linear map's weight and/or bias gradient: x (B, T, d), g (B, T, p)."""
-    if weight:
-        return linear_grad_sq_norms_impl(*linear_op_args(x, g, backend), bias, backend, "auto")
-    return g.to(accumulation_dtype(g.dtype)).sum(1).square().sum(-1)
-
-
 def _padded(g: torch.Tensor, span: tuple) -> torch.Tensor:
     """g (..., stop - start) placed at columns [start, stop) of (..., rows), zeros elsewhere."""
     start, stop, rows = span
@@ -100,7 +90,7 @@ class _Projection:
 
     def norm(self, cap: LayerCapture, g: torch.Tensor, backend: str):
         w, b = cap.is_trainable(self.weight), self.bias is not None and cap.is_trainable(self.bias)
-        return _linear_sq(self.x, g, w, b, backend) if w or b else None
+        return linear_sq_norms(self.x, g, w, b, backend) if w or b else None
 
     def grads(self, cap: LayerCapture, g: torch.Tensor) -> dict:
         out = {}
@@ -175,7 +165,8 @@ def mha_forward(m: nn.MultiheadAttention, scoring: Scoring, query, key, value, k
 
     q, k, v = _in_projections(scoring, m, query, key, value, same_qk, same_kv)
     if m.bias_k is not None:
-        rows = [scoring.tap(getattr(m, n).expand(B, 1, E), _Row(n).norm, _Row(n).grads) for n in ("bias_k", "bias_v")]
+        rows = [scoring.tap(getattr(m, row.name).expand(B, 1, E), row.norm, row.grads)
+                for row in (_Row("bias_k"), _Row("bias_v"))]
         k, v = torch.cat([k, rows[0]], 1), torch.cat([v, rows[1]], 1)
         mask = F.pad(mask, (0, 1)) if mask is not None else None
         kpm = F.pad(kpm, (0, 1)) if kpm is not None else None

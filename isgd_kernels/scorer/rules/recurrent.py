@@ -28,8 +28,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from isgd_kernels._checks import accumulation_dtype
-from isgd_kernels.linear_norms import linear_grad_sq_norms_impl, linear_op_args
-from isgd_kernels.scorer.parts import LinearPart
+from isgd_kernels.scorer.parts import LinearPart, linear_sq_norms
 from isgd_kernels.scorer.registry import LayerCapture, Scoring, register_rule
 
 _RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
@@ -215,13 +214,10 @@ class _Recurrence(torch.autograd.Function):
 
 def _sq_norm(a: torch.Tensor, g: torch.Tensor, weight: bool, biases: int, backend: str) -> torch.Tensor:
     """||sum_t g_t a_t^T||^2 (when `weight`) plus `biases` times ||sum_t g_t||^2; a, g time-major (T, B, *)."""
-    total = None
-    if weight:
-        total = linear_grad_sq_norms_impl(*linear_op_args(a.transpose(0, 1), g.transpose(0, 1), backend), False,
-                                          backend, "auto")
-    if biases:
-        sq = biases * g.sum(0).square().sum(-1)
-        total = sq if total is None else total + sq
+    a, g = a.transpose(0, 1), g.transpose(0, 1)
+    total = linear_sq_norms(a, g, weight, biases > 0, backend)
+    if biases > 1:  # b_ih and b_hh: one gradient, counted once per parameter
+        total = total + (biases - 1) * linear_sq_norms(a, g, False, True, backend)
     return total
 
 
