@@ -93,26 +93,43 @@ def batched_vjp(outputs: list, grad_outputs: list, batch_dims: list, inputs: lis
         consume(rows, list(grads))
 
 
-# Broadcasting binary ops whose vjp w.r.t. one operand is known in closed form: x + c (a positional table
-# added to every example), x * c (a LayerScale gamma). Their per-example gradients need no vmap.
-_BINARY = {torch.add: "add", torch.Tensor.add: "add", torch.Tensor.__add__: "add", torch.Tensor.__radd__: "add",
-           torch.mul: "mul", torch.Tensor.mul: "mul", torch.Tensor.__mul__: "mul", torch.Tensor.__rmul__: "mul"}
+# Ops whose vjp w.r.t. a carrier c (no batch) broadcast against the batch is known in closed form: x + c (a
+# positional table added to every example), x * c (a LayerScale gamma), c.expand(B, ...) (a class token).
+# Their per-example gradients need no vmap.
+_CLOSED_FORM = {torch.add: "add", torch.Tensor.add: "add", torch.Tensor.__add__: "add", torch.Tensor.__radd__: "add",
+                torch.mul: "mul", torch.Tensor.mul: "mul", torch.Tensor.__mul__: "mul", torch.Tensor.__rmul__: "mul",
+                torch.Tensor.expand: "expand", torch.Tensor.expand_as: "expand", torch.broadcast_to: "expand",
+                torch.Tensor.broadcast_to: "expand"}
 
 
-def _binary_grads(func, flat: list, kinds: list, grad: torch.Tensor) -> list | None:
-    """[(B, *c.shape)] per-example gradients of c + x or c * x w.r.t. the carrier c (no batch), x batched with
-    the output's shape; None for any other op or layout."""
-    kind = _BINARY.get(func)
-    if kind is None or len(flat) != 2 or sorted(map(str, kinds)) != ["carrier", "split"]:
+def _closed_form_grads(func, flat: list, kinds: list, grad: torch.Tensor) -> list | None:
+    """[(B, *c.shape)] per-example gradients of c + x, c * x (x batched with the output's shape) or c broadcast
+    to the output w.r.t. the carrier c; None for any other op or layout."""
+    kind = _CLOSED_FORM.get(func)
+    if kind is None or kinds.count("carrier") != 1:
         return None
-    c, x = flat if kinds[0] == "carrier" else flat[::-1]
-    if x.shape != grad.shape or c.dim() > grad.dim():
+    c = flat[kinds.index("carrier")]
+    if kind == "expand":
+        if kinds[0] != "carrier":
+            return None
+        g = grad
+    else:
+        if len(flat) != 2 or "split" not in kinds:
+            return None
+        x = flat[kinds.index("split")]
+        if x.shape != grad.shape:
+            return None
+        g = grad if kind == "add" else grad * x.detach()
+    if c.dim() > grad.dim():
         return None
     padded = (1,) * (grad.dim() - c.dim()) + tuple(c.shape)  # c broadcast against the batch
     if padded[0] != 1:
         return None
-    g = grad if kind == "add" else grad * x.detach()
     return [g.sum_to_size((grad.shape[0],) + padded[1:]).reshape((grad.shape[0],) + tuple(c.shape))]
+
+
+def _sum_or_none(grads: list):
+    return None if not grads else grads[0] if len(grads) == 1 else sum(grads[1:], grads[0])
 
 
 def op_by_vmap(op: tuple, output: torch.Tensor, grad: torch.Tensor, leaves: list) -> list | None:
@@ -122,7 +139,8 @@ def op_by_vmap(op: tuple, output: torch.Tensor, grad: torch.Tensor, leaves: list
     from those inputs to the stand-in `leaves`.
 
     op = (func, flat inputs, their pytree spec, ids of the carriers); tensor inputs whose dim 0 is the batch
-    are split. `x + c` and `x * c` need no vmap: their per-example vjp is closed-form (_binary_grads).
+    are split. `x + c`, `x * c` and `c.expand(B, ...)` need no vmap: their per-example vjp is closed-form
+    (_closed_form_grads), and carriers that are the stand-ins themselves need no batched backward.
     Checked: the vmapped forward must give the op's own output, else (an op that mixes examples,
     an op vmap cannot run, a carrier with a batch dim) None, and the caller takes the batched backward.
     Else [(rows, per-leaf gradients (len(rows), *leaf.shape))] chunk by chunk, as batched_vjp hands them
@@ -143,15 +161,18 @@ def op_by_vmap(op: tuple, output: torch.Tensor, grad: torch.Tensor, leaves: list
 
     def to_leaves(start, stop, cots):
         """(rows, per-leaf gradients): the carriers' per-example gradients carried back to the leaves."""
+        rows = torch.arange(start, stop, device=grad.device)
+        if all(any(c is leaf for leaf in leaves) for c in carried):  # the carriers are the stand-ins themselves
+            return rows, [_sum_or_none([g for c, g in zip(carried, cots) if c is leaf]) for leaf in leaves]
         _IN_BATCHED_VJP[0] += 1
         try:
             got = torch.autograd.grad(carried, leaves, grad_outputs=list(cots), is_grads_batched=True,
                                       retain_graph=True, allow_unused=True)
         finally:
             _IN_BATCHED_VJP[0] -= 1
-        return torch.arange(start, stop, device=grad.device), list(got)
+        return rows, list(got)
 
-    closed_form = _binary_grads(func, flat, kinds, grad)
+    closed_form = _closed_form_grads(func, flat, kinds, grad)
     if closed_form is not None:
         return [to_leaves(0, batch, closed_form)]
 

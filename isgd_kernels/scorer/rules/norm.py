@@ -4,8 +4,9 @@ and PReLU: elementwise layers whose per-example parameter gradients are cheap to
 The layer is y = x_hat * w + b with x_hat free of w and b, so per example dW = sum over the
 positions that share a parameter element of delta * x_hat and db = sum of delta: a (B, |param|)
 tensor each, never a per-example weight gradient larger than that. x_hat is recomputed from the
-captured input with the layer's own functional (no affine) in the accumulation dtype (float32;
-float64 when the input or grad_output is float64). `backend` is unused: these are pure PyTorch.
+captured input in the accumulation dtype (float32; float64 when the input or grad_output is float64):
+for LayerNorm and RMSNorm by the layer_norm_norms op (a fused C++ kernel on CPU), for the others with
+the layer's own functional (no affine), in PyTorch.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from isgd_kernels._checks import accumulation_dtype
+from isgd_kernels.layer_norm_norms import layer_norm_sq_norms
 from isgd_kernels.scorer.registry import LayerCapture, register_rule
 
 
@@ -46,7 +48,8 @@ def _affine_sq_norms(cap: LayerCapture, x_hat: torch.Tensor, delta: torch.Tensor
 
 # ---------------------------------------------------------------------------- LayerNorm / RMSNorm
 
-def _last_dims_rule(cap: LayerCapture, grad_output: torch.Tensor, x_hat_fn) -> torch.Tensor:
+def _last_dims_rule(cap: LayerCapture, grad_output: torch.Tensor, eps: float, rms: bool,
+                    backend: str) -> torch.Tensor:
     x = _input_shaped_like(cap, grad_output)
     shape = tuple(cap.module.normalized_shape)
     if x.dim() <= len(shape):
@@ -54,27 +57,25 @@ def _last_dims_rule(cap: LayerCapture, grad_output: torch.Tensor, x_hat_fn) -> t
             f"GradNormScorer: {cap.label} normalizes over the last {len(shape)} dims {shape} of an "
             f"input {tuple(x.shape)} that has no batch dim outside them, so it mixes examples; feed it "
             f"(B, ..., {', '.join(map(str, shape))}).")
-    acc = accumulation_dtype(x.dtype, grad_output.dtype)
-    x_hat = x_hat_fn(x.to(acc), list(shape))
-    p = math.prod(shape)
-    batch = x.shape[0]
-    return _affine_sq_norms(cap, x_hat.reshape(batch, -1, p), grad_output.to(acc).reshape(batch, -1, p), 1)
+    p, batch = math.prod(shape), x.shape[0]
+    return layer_norm_sq_norms(x.reshape(batch, -1, p), grad_output.reshape(batch, -1, p), eps, rms=rms,
+                               weight=cap.is_trainable("weight"), bias=cap.is_trainable("bias"), backend=backend)
 
 
 def layer_norm_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> torch.Tensor:
     """nn.LayerNorm: dW_i = sum over the non-normalized positions of delta * x_hat, db_i = sum of delta."""
-    eps = cap.module.eps
-    return _last_dims_rule(cap, grad_output, lambda x, shape: F.layer_norm(x, shape, None, None, eps))
+    return _last_dims_rule(cap, grad_output, cap.module.eps, False, backend)
 
 
 def rms_norm_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) -> torch.Tensor:
     """nn.RMSNorm: dW_i = sum over the non-normalized positions of delta * x / rms(x).
 
-    eps=None is passed through on the upcast input: PyTorch then uses the epsilon of the op-math type
-    (float32 for fp16/bf16/fp32 inputs, float64 for float64), which is what its forward used.
-    """
+    eps=None is the epsilon of the op-math type (float32 for fp16/bf16/fp32 inputs, float64 for float64),
+    which is what PyTorch's forward used."""
     eps = cap.module.eps
-    return _last_dims_rule(cap, grad_output, lambda x, shape: F.rms_norm(x, shape, None, eps))
+    if eps is None:
+        eps = torch.finfo(accumulation_dtype(cap.first_input().dtype)).eps
+    return _last_dims_rule(cap, grad_output, eps, True, backend)
 
 
 # ------------------------------------------------------------------ GroupNorm / InstanceNorm / BatchNorm
