@@ -131,6 +131,40 @@ def test_vit_like_model_is_exact():
     assert_close_rel(GradNormScorer(model).norms(img, y, xent), per_example_grad_norms_vmap(model, xent, img, y), 1e-9)
 
 
+class Tokens(nn.Module):
+    """Learned tokens put in front of every example's sequence by broadcasting ops (class / register tokens),
+    a table added to it and a per-feature scale: uses whose per-example gradients are taken in closed form."""
+
+    def __init__(self, how, d=6):
+        super().__init__()
+        self.how, self.proj = how, nn.Linear(4, d)
+        self.tok = nn.Parameter(torch.randn(2, d) if how == "broadcast_to" else torch.randn(1, 2, d))
+        self.pos = nn.Parameter(torch.randn(5, d))
+        self.scale = nn.Parameter(torch.randn(d))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.proj(x)
+        B, d = h.shape[0], h.shape[2]
+        if self.how == "expand":
+            tok = self.tok.expand(B, -1, -1)
+        elif self.how == "expand_as":
+            tok = self.tok.expand_as(h[:, :2])
+        else:
+            tok = torch.broadcast_to(self.tok, (B, 2, d))
+        h = self.scale * (torch.cat([tok, h], 1) + self.pos)
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("how", ["expand", "expand_as", "broadcast_to"])
+def test_tokens_broadcast_to_the_batch_are_exact(how):
+    torch.manual_seed(6)
+    model = Tokens(how).double()
+    # B = 4: the table's 5 rows must not look like a batch, which would send it to the batched backward
+    x, y = torch.randn(4, 3, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    assert_close_rel(GradNormScorer(model).norms(x, y, xent), per_example_grad_norms_vmap(model, xent, x, y), 1e-10)
+
+
 class SharedBlock(nn.Module):
     """One block applied twice (weight-shared recurrence written in Python) and a tied projection."""
 
