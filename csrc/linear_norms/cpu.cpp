@@ -229,10 +229,19 @@ at::Tensor linear_sq_norms_materialize_cpu(const at::Tensor& x, const at::Tensor
   // below lets one GEMM use all threads), no float64 (its accumulation stays in float64), g's features
   // contiguous (a transposed g is an operand bmm takes as is; copying it measured no faster) and the W
   // block of a thread (d x 64 floats, with T in chunks) small.
-  if (x.scalar_type() != at::kDouble && B >= at::get_num_threads() && d > 0 && p > 0 && g.stride(2) == 1 &&
-      d * 64 <= kOuterMaxBuffer && outer::cpu_has_avx512()) {
-    linear_sq_norms_outer_blocks(x, g, bias, out.mutable_data_ptr<float>());
-    return out;
+  if (x.scalar_type() != at::kDouble && B >= at::get_num_threads() && d > 0 && p > 0 && outer::cpu_has_avx512()) {
+    // ||G^T A||_F = ||A^T G||_F: the blocks vectorise over the second operand's features, which runs faster
+    // as the wider one (d_in 768 -> d_out 192 at T = 197: 1.46 vs 1.72 ms), so the operands swap when x is
+    // wider; the bias term then comes from g apart.
+    if (d > p && x.stride(2) == 1 && p * 64 <= kOuterMaxBuffer) {
+      linear_sq_norms_outer_blocks(g, x, /*bias=*/false, out.mutable_data_ptr<float>());
+      if (bias) out += g.sum(1, /*keepdim=*/false, at::kFloat).square().sum(1);
+      return out;
+    }
+    if (g.stride(2) == 1 && d * 64 <= kOuterMaxBuffer) {
+      linear_sq_norms_outer_blocks(x, g, bias, out.mutable_data_ptr<float>());
+      return out;
+    }
   }
 #endif
   // Elsewhere: per chunk, the per-example gradients G_i^T A_i by batched GEMM, squared and summed.
