@@ -33,9 +33,9 @@ from isgd_kernels.scorer.rules.fallback import (autograd_fallback_rule, batched_
                                                 per_example_grads, replaying, replaying_call, warn_once)
 from isgd_kernels.scorer.parts import LinearPart, sq_norm_of_sum
 from isgd_kernels.scorer.registry import (RULES, LayerCapture, Rule, Scoring, UnsupportedModuleError, register_rule,
-                                          supported_names)
+                                          rules_version, supported_names)
 from isgd_kernels.scorer.uses import (DERIVED, ParameterUses, Probe, Reprobe, Use, fingerprint, judge_call,
-                                     record_call, tensor_outputs)
+                                     record_call, tensor_outputs, watch_tables)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -50,12 +50,13 @@ def evaluating(model: nn.Module, enabled: bool = True):
     inside a training model (frozen BatchNorm statistics when fine-tuning) in eval mode."""
     modes = [(m, m.training) for m in model.modules()]
     try:
-        if enabled:
+        if enabled and any(training for _, training in modes):
             model.eval()
         yield model
     finally:
         for m, training in modes:
-            m.training = training
+            if m.training != training:  # setting it goes through nn.Module.__setattr__: only where it changed
+                m.training = training
 
 
 class _CallDirectly:
@@ -260,7 +261,21 @@ class GradNormScorer:
         self._warned_no_probe = False
         self._loss_checked = None  # the loss function the last loss check passed
         self._per_layer: dict | None = None  # set by verify() to record each layer's share
+        self._planned: tuple | None = None  # (key, captures, the op watch's tables): see _plan_pass
         self.layers: list[LayerCapture] = self._plan()  # fail early on unsupported modules
+
+    def _plan_pass(self, params: list, requires_grad: list) -> tuple[list[LayerCapture], tuple]:
+        """This pass's captures and the op watch's tables: planned anew only when the modules, the parameters,
+        their requires_grad flags or the registered rules changed since the last pass (planning walks every
+        module and parameter, which costs as much as a small model's forward)."""
+        key = (tuple(map(id, self.model.modules())), tuple(map(id, params)), tuple(requires_grad), rules_version())
+        if self._planned is None or self._planned[0] != key:
+            captures = self._plan()
+            self._planned = (key, captures, watch_tables(self.model, captures))
+        _, captures, tables = self._planned
+        for cap in captures:
+            cap.calls = 0
+        return captures, tables
 
     def _plan(self) -> list[LayerCapture]:
         """The modules with trainable parameters, each with its rule; refuses what it cannot do."""
@@ -319,11 +334,12 @@ class GradNormScorer:
 
     def _pass(self, args: tuple, targets, loss_fn: LossFn):
         batch = args[0].shape[0]
-        # Planned anew each pass (requires_grad may have changed); `layers` shows what the pass holds.
-        captures = self.layers = self._plan()
         model = self.model
         params = list(model.parameters())
         requires_grad = [p.requires_grad for p in params]
+        # Planned again when requires_grad (or the model) changed; `layers` shows what the pass holds.
+        captures, tables = self._plan_pass(params, requires_grad)
+        self.layers = captures
         handles = []
         forwards = _ScoringForwards(captures)
         with evaluating(model, enabled=self.eval_mode), forwards:
@@ -347,7 +363,7 @@ class GradNormScorer:
                             "(a permuted batch draws other masks): activations are taken as batch-first by their "
                             "shapes alone, which a sequence-first (T, B, ...) activation with T == B would pass. "
                             "Score in eval mode, or check the model once with scorer.verify.", stacklevel=3)
-                    uses = ParameterUses(model, captures, batch, against=probe, verdicts=verdicts,
+                    uses = ParameterUses(model, captures, batch, against=probe, verdicts=verdicts, tables=tables,
                                          tap=lambda use, on: _tap(anchor, use, total.add_use, on))
                     state = _PassState(batch, anchor, total, probe, uses, forwards, call_verdicts)
                     forwards.anchor = anchor
@@ -541,7 +557,7 @@ class GradNormScorer:
             carried = state.uses.sources_of((inputs, kwargs))
             cap.calls += 1
             # Activations are data for the norm kernels, not part of the graph to differentiate.
-            call = copy.copy(cap)  # this call's capture (a shallow copy: cheaper than dataclasses.replace)
+            call = cap.for_call()  # this call's capture
             call.inputs = tuple(i.detach() if isinstance(i, torch.Tensor) else i for i in inputs)
             call.kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
             floating = [d for t, d in zip(outs, dims) if t.is_floating_point() or t.is_complex()]
@@ -644,7 +660,7 @@ class _NormTotal:
 
     def __init__(self, backend: str, per_layer: dict | None = None):
         self.backend = backend
-        self.sum: torch.Tensor | None = None
+        self.terms: list[torch.Tensor] = []  # (B,) squared norms of layers and parameters
         self.per_layer = per_layer  # name -> (B,) squared norm, when the caller wants the breakdown
         self.backward_started = False
         self.multi: set[int] = set()  # ids of parameters with several uses in this pass
@@ -667,7 +683,7 @@ class _NormTotal:
         self.multi = {pid for pid, n in uses.items() if n > 1}
 
     def _add(self, name: str, sq: torch.Tensor) -> None:
-        self.sum = sq.double() if self.sum is None else self.sum + sq.double()
+        self.terms.append(sq)  # summed once, in float64, by value()
         if self.per_layer is not None:
             self.per_layer[name] = self.per_layer.get(name, 0) + sq.detach().double()
 
@@ -810,9 +826,13 @@ class _NormTotal:
         for pid, parts in self.parts.items():
             self._add(self.owner[pid], sq_norm_of_sum(parts, self.backend))
         self.parts = {}
-        if self.sum is None:
+        if not self.terms:
             return torch.zeros(batch, device=device, dtype=dtype)
-        return self.sum.to(dtype)
+        by_dtype: dict = {}
+        for t in self.terms:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        total = sum(torch.stack(ts).sum(0, dtype=torch.float64) for ts in by_dtype.values())
+        return total.to(dtype)
 
 
 @dataclass

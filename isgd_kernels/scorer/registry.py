@@ -62,6 +62,13 @@ class LayerCapture:
             self.resolved = {name: p for name, p in found.items() if p is not None}
         return self.resolved
 
+    def for_call(self) -> "LayerCapture":
+        """A shallow copy that records one call (cheaper than copy.copy or dataclasses.replace, and on the
+        path of every scored call)."""
+        call = LayerCapture.__new__(LayerCapture)
+        call.__dict__.update(self.__dict__)
+        return call
+
     def argument(self, position: int, name: str, default=None):
         """The call's argument at `position`, or passed by keyword as `name`."""
         if len(self.inputs) > position:
@@ -124,6 +131,11 @@ class RuleSpec:
 
 # Exact types only: a subclass may use its parameters differently in forward (LoRA, quantized, ...).
 RULES: dict[type, RuleSpec] = {}
+_VERSION = [0]  # bumped by every register_rule: a scorer's cached plan is stale once it changes
+
+
+def rules_version() -> int:
+    return _VERSION[0]
 
 
 def register_rule(module_type: type, rule: Rule | None, *, batch_dims: BatchDims | None = None,
@@ -146,6 +158,7 @@ def register_rule(module_type: type, rule: Rule | None, *, batch_dims: BatchDims
     if rule is None and forward is None:
         raise TypeError(f"register_rule({module_type.__name__}): give a rule, a scoring forward, or both")
     RULES[module_type] = RuleSpec(rule, batch_dims, owns_children, grads, forward)
+    _VERSION[0] += 1
 
 
 def supported_names() -> str:

@@ -22,11 +22,13 @@ whose ops differ from the probe's is probed again.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
@@ -120,20 +122,15 @@ class ParameterUses(TorchFunctionMode):
     """
 
     def __init__(self, model: nn.Module, captures: list[LayerCapture], batch: int, *, tap=None,
-                 record: Probe | None = None, against: Probe | None = None, verdicts: list | None = None):
+                 record: Probe | None = None, against: Probe | None = None, verdicts: list | None = None,
+                 tables: tuple | None = None):
         super().__init__()
         self.batch = batch
         self.tap, self.record, self.against, self.verdicts = tap, record, against, verdicts
         self.follow = record is not None or against is not None  # follow every op downstream of a use
-        self.owners: dict[int, list] = {}  # id(param) -> the modules whose calls cover its uses (rules)
-        self.label: dict[int, str] = {}
-        for cap in captures:
-            for name, p in cap.trainable_parameters().items():
-                self.owners.setdefault(id(p), [])
-                if not cap.per_use:
-                    self.owners[id(p)].append(cap.module)
-                self.label.setdefault(id(p), f"{cap.name}.{name}")
-        self.names = {m: (n or "<root>") for n, m in model.named_modules()}
+        # owners: id(param) -> the modules whose calls cover its uses (rules); label: id(param) -> its name;
+        # names: module -> its name. The same for every pass of a plan: the scorer keeps them (watch_tables).
+        self.owners, self.label, self.names = tables if tables is not None else watch_tables(model, captures)
         self.model = model
         self.active: Counter = Counter()  # modules whose forward is running
         self.stack: list[nn.Module] = []
@@ -144,22 +141,26 @@ class ParameterUses(TorchFunctionMode):
         self.ops_seen = 0
         self.uses: Counter = Counter()  # id(param) -> op-level uses in this pass
         self.found: list = []  # (op name, verdict) of each op that uses parameters, in order
-        self.paused = False
         self.handles = []
 
     # -- module stack -------------------------------------------------------------------------------
     def __enter__(self):
+        # Global module hooks (two registrations, not two per module), which only this thread's calls move:
+        # another thread's model runs outside this pass.
+        thread = threading.get_ident()
+
         def enter(module, args):
-            self.active[module] += 1
-            self.stack.append(module)
+            if threading.get_ident() == thread:
+                self.active[module] += 1
+                self.stack.append(module)
 
         def leave(module, args, output):
-            self.active[module] -= 1
-            self.stack.pop()
+            if threading.get_ident() == thread:
+                self.active[module] -= 1
+                self.stack.pop()
 
-        for module in self.model.modules():
-            self.handles.append(module.register_forward_pre_hook(enter))
-            self.handles.append(module.register_forward_hook(leave, always_call=True))
+        self.handles = [register_module_forward_pre_hook(enter),
+                        register_module_forward_hook(leave, always_call=True)]
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -173,12 +174,10 @@ class ParameterUses(TorchFunctionMode):
 
     @contextlib.contextmanager
     def pause(self):
-        """The scorer's own ops in its hooks: not the model's, not watched."""
-        paused, self.paused = self.paused, True
-        try:
+        """The scorer's own ops in its hooks: not the model's, not watched (torch function handling off: not
+        even a call of the mode, which every tensor method would otherwise cost)."""
+        with torch._C.DisableTorchFunction():
             yield
-        finally:
-            self.paused = paused
 
     def mark(self, outputs: list, sources: list | None = None) -> None:
         """A scored call's outputs: followed while probing; derived from `sources` ((id, leaf) pairs) if given."""
@@ -242,10 +241,21 @@ class ParameterUses(TorchFunctionMode):
             return None  # inside the call of a module that has it: that module's rule accounts for it
         return self.stand_in(t)
 
+    def _watched(self, values) -> bool:
+        """Whether a tensor among `values` (nested in lists and tuples as swap() sees them) is a trainable
+        parameter, carries one or is followed; when none is, the op is not the watch's business."""
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                if id(v) in self.owners or (self.follow and v in self.seen) or (len(self.derived) and v in self.derived):
+                    return True
+            elif isinstance(v, (list, tuple)) and self._watched(v):
+                return True
+        return False
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.paused or not torch.is_grad_enabled():
-            return func(*args, **kwargs)  # the scorer's own ops; or no graph, so no gradient from this use
+        if not torch.is_grad_enabled() or not (self._watched(args) or (kwargs and self._watched(kwargs.values()))):
+            return func(*args, **kwargs)  # no graph, so no gradient from this use; or no parameter in it
         sources: list = []  # (id(param), leaf) pairs this op reads
         carriers: set[int] = set()  # ids of the inputs that carry them (stand-ins, derived tensors)
         followed = [False]
@@ -334,6 +344,20 @@ class ParameterUses(TorchFunctionMode):
         # Unchanged (a positional table, a transposed weight) or batched elsewhere (a sequence-first activation):
         # followed until an op's output is batch-first, where its per-example gradient is taken.
         return DERIVED
+
+
+def watch_tables(model: nn.Module, captures: list[LayerCapture]) -> tuple[dict, dict, dict]:
+    """(owners, label, names) of ParameterUses for these captures: id(param) -> the modules whose calls
+    cover its uses (rules), id(param) -> its name in messages, module -> its name."""
+    owners: dict[int, list] = {}
+    label: dict[int, str] = {}
+    for cap in captures:
+        for name, p in cap.trainable_parameters().items():
+            owners.setdefault(id(p), [])
+            if not cap.per_use:
+                owners[id(p)].append(cap.module)
+            label.setdefault(id(p), f"{cap.name}.{name}")
+    return owners, label, {m: (n or "<root>") for n, m in model.named_modules()}
 
 
 def record_call(probe: Probe, cap: LayerCapture, outputs: list, dims: list) -> None:
