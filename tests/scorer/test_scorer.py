@@ -129,6 +129,50 @@ def test_frozen_layers_and_bias_only_training():
     assert_close_rel(got, vmap_norms(model, xent, x, y), 1e-10)
 
 
+class _Gained(nn.Module):
+    """A Linear times a learned gain: no rule of its own, so its child and its gain are scored apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.gain = nn.Linear(23, 5), nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        return self.inner(x) * self.gain
+
+
+def test_one_scorer_follows_changes_to_the_model_between_passes():
+    """The scorer keeps its plan between passes: replacing modules, tying a parameter, freezing or unfreezing a
+    layer and registering a rule after the first pass must each be seen by the next pass."""
+    from isgd_kernels.scorer.rules.fallback import autograd_fallback_rule
+
+    torch.manual_seed(16)
+    model = mlp()
+    x, y = torch.randn(6, 23, dtype=torch.float64), torch.randint(0, 5, (6,))
+    scorer = GradNormScorer(model)
+
+    def check(factor=1.0):
+        assert_close_rel(scorer.norms(x, y, xent), factor * vmap_norms(model, xent, x, y), 1e-10)
+
+    check()
+    model[2], model[4] = nn.Linear(31, 31).double(), nn.Linear(31, 5).double()  # modules replaced
+    check()
+    model[2].bias = model[0].bias  # a tied parameter: two uses
+    check()
+    model[0].requires_grad_(False)
+    check()
+    model[0].requires_grad_(True)
+    check()
+
+    model = _Gained().double()
+    scorer = GradNormScorer(model)
+    check()
+    # A rule that owns the children (here the exact fallback, doubled so that its use shows) replaces the
+    # child's rule and the op watch of the gain.
+    # (_Gained is this test's own type: the rule stays registered without affecting any other test.)
+    register_rule(_Gained, lambda cap, g, backend: 4 * autograd_fallback_rule(cap, g, backend), owns_children=True)
+    check(2.0)
+
+
 class CountMatmuls(TorchDispatchMode):
     MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
 
