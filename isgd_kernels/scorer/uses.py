@@ -170,7 +170,9 @@ class ParameterUses(TorchFunctionMode):
         return super().__exit__(*exc)
 
     def where(self) -> str:
-        return f"module '{self.names.get(self.stack[-1], '?')}'" if self.stack else "the model's or the loss's code"
+        """The innermost running module of the model (a loss module is not one), for messages."""
+        inner = next((m for m in reversed(self.stack) if m in self.names), None)
+        return f"module '{self.names[inner]}'" if inner is not None else "the model's or the loss's code"
 
     @contextlib.contextmanager
     def pause(self):
