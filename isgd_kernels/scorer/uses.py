@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode, _pop_mode_temporarily
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -141,6 +141,7 @@ class ParameterUses(TorchFunctionMode):
         self.ops_seen = 0
         self.uses: Counter = Counter()  # id(param) -> op-level uses in this pass
         self.found: list = []  # (op name, verdict) of each op that uses parameters, in order
+        self.paused = False
         self.handles = []
 
     # -- module stack -------------------------------------------------------------------------------
@@ -176,10 +177,18 @@ class ParameterUses(TorchFunctionMode):
 
     @contextlib.contextmanager
     def pause(self):
-        """The scorer's own ops in its hooks: not the model's, not watched (torch function handling off: not
-        even a call of the mode, which every tensor method would otherwise cost)."""
-        with torch._C.DisableTorchFunction():
-            yield
+        """The scorer's own ops in its hooks: not the model's, not watched. The mode leaves the torch function
+        stack meanwhile (it is on top when a module's hook runs), so they do not even call it, which every
+        tensor method would; tensor subclasses keep their own __torch_function__."""
+        paused, self.paused = self.paused, True
+        try:
+            if _get_current_function_mode() is self:
+                with _pop_mode_temporarily():
+                    yield
+            else:
+                yield
+        finally:
+            self.paused = paused
 
     def mark(self, outputs: list, sources: list | None = None) -> None:
         """A scored call's outputs: followed while probing; derived from `sources` ((id, leaf) pairs) if given."""
@@ -256,8 +265,8 @@ class ParameterUses(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not torch.is_grad_enabled() or not (self._watched(args) or (kwargs and self._watched(kwargs.values()))):
-            return func(*args, **kwargs)  # no graph, so no gradient from this use; or no parameter in it
+        if self.paused or not torch.is_grad_enabled() or not (self._watched(args) or (kwargs and self._watched(kwargs.values()))):
+            return func(*args, **kwargs)  # the scorer's own ops; no graph, so no gradient; or no parameter
         sources: list = []  # (id(param), leaf) pairs this op reads
         carriers: set[int] = set()  # ids of the inputs that carry them (stand-ins, derived tensors)
         followed = [False]

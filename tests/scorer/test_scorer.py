@@ -612,3 +612,26 @@ def test_activation_checkpointing_gives_the_exact_norm(reentrant, first_trainabl
         assert_close_rel(scorer.norms(x, y, xent), torch.stack(expected), 1e-10)
     assert torch.utils.checkpoint.CheckpointFunction.__name__ == "CheckpointFunction"  # given back
     assert torch.utils.checkpoint._checkpoint_without_reentrant_generator.__module__ == "torch.utils.checkpoint"
+
+
+class _Tagged(torch.Tensor):
+    """A tensor subclass that only carries its type through the model (as units or metadata wrappers do)."""
+
+
+def test_tensor_subclass_inputs_keep_their_type_through_scored_layers():
+    """The scorer's own ops in its hooks stay out of its op watch without switching torch function handling
+    off: a subclass input still reaches the loss as that subclass, on the probed pass and after."""
+    torch.manual_seed(17)
+    model = mlp()
+    x, y = torch.randn(6, 23, dtype=torch.float64), torch.randint(0, 5, (6,))
+    seen = []
+
+    def loss_fn(out, target):
+        seen.append(type(out))
+        return xent(out, target)
+
+    scorer = GradNormScorer(model)
+    for _ in range(2):
+        got = scorer.norms(x.as_subclass(_Tagged), y, loss_fn)
+        assert_close_rel(got.as_subclass(torch.Tensor), vmap_norms(model, xent, x, y), 1e-10)
+    assert seen and all(t is _Tagged for t in seen)
