@@ -20,15 +20,15 @@ namespace {
 
 // sum_j f(row[j]) in independent lanes, folded pairwise: the compiler vectorises it without -ffast-math (a
 // single scalar accumulator is a serial dependency chain).
-template <typename acc_t, typename scalar_t, typename F>
-inline acc_t lane_sum(const scalar_t* __restrict__ row, int64_t n, F f) {
+template <typename acc_t, typename F>
+inline acc_t lane_sum(const acc_t* __restrict__ row, int64_t n, F f) {
   constexpr int kLanes = 16;
   acc_t lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += f(static_cast<acc_t>(row[j + l]));
+    for (int l = 0; l < kLanes; ++l) lanes[l] += f(row[j + l]);
   acc_t s = 0;
-  for (; j < n; ++j) s += f(static_cast<acc_t>(row[j]));
+  for (; j < n; ++j) s += f(row[j]);
   for (int width = kLanes / 2; width > 0; width /= 2)
     for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
   return s + lanes[0];
@@ -65,25 +65,14 @@ inline void accumulate_rows(const acc_t* x, const acc_t* g, int64_t sxr, int64_t
 #define ISGD_VECTOR_CLONES
 #endif
 
-ISGD_VECTOR_CLONES void accumulate_rows_f32(const float* x, const float* g, int64_t sxr, int64_t sgr, int64_t r0,
-                                            int64_t r1, int64_t P, float eps, bool rms, float* dw, float* db) {
+ISGD_VECTOR_CLONES void accumulate(const float* x, const float* g, int64_t sxr, int64_t sgr, int64_t r0, int64_t r1,
+                                   int64_t P, float eps, bool rms, float* dw, float* db) {
   accumulate_rows<float>(x, g, sxr, sgr, r0, r1, P, eps, rms, dw, db);
 }
 
-ISGD_VECTOR_CLONES void accumulate_rows_f64(const double* x, const double* g, int64_t sxr, int64_t sgr,
-                                            int64_t r0, int64_t r1, int64_t P, double eps, bool rms, double* dw,
-                                            double* db) {
+ISGD_VECTOR_CLONES void accumulate(const double* x, const double* g, int64_t sxr, int64_t sgr, int64_t r0, int64_t r1,
+                                   int64_t P, double eps, bool rms, double* dw, double* db) {
   accumulate_rows<double>(x, g, sxr, sgr, r0, r1, P, eps, rms, dw, db);
-}
-
-inline void accumulate(const float* x, const float* g, int64_t sxr, int64_t sgr, int64_t r0, int64_t r1, int64_t P,
-                       float eps, bool rms, float* dw, float* db) {
-  accumulate_rows_f32(x, g, sxr, sgr, r0, r1, P, eps, rms, dw, db);
-}
-
-inline void accumulate(const double* x, const double* g, int64_t sxr, int64_t sgr, int64_t r0, int64_t r1,
-                       int64_t P, double eps, bool rms, double* dw, double* db) {
-  accumulate_rows_f64(x, g, sxr, sgr, r0, r1, P, eps, rms, dw, db);
 }
 
 template <typename acc_t>
@@ -110,9 +99,9 @@ at::Tensor layer_norm_sq_norms_cpu(const at::Tensor& x_in, const at::Tensor& g_i
   const int64_t threads = at::get_num_threads();
   const int64_t S = std::min<int64_t>(R, std::max<int64_t>(1, (2 * threads + B - 1) / B));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "_layer_norm_sq_norms_cpu", [&] {
-    using acc_t = scalar_t;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    using acc_t = scalar_t;  // x and g are in the accumulation dtype by now
+    const acc_t* xp = x.const_data_ptr<acc_t>();
+    const acc_t* gp = g.const_data_ptr<acc_t>();
     acc_t* op_out = out.mutable_data_ptr<acc_t>();
     const int64_t sxb = x.stride(0), sxr = x.stride(1), sgb = g.stride(0), sgr = g.stride(1);
     // Per item (example b, segment s): its dw and db sums, 2P values. With one segment the item squares them

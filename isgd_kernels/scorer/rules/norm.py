@@ -18,6 +18,7 @@ from torch import nn
 
 from isgd_kernels._checks import accumulation_dtype
 from isgd_kernels.layer_norm_norms import layer_norm_sq_norms
+from isgd_kernels.layer_norm_norms.reference import affine_sq_norms
 from isgd_kernels.scorer.registry import LayerCapture, register_rule
 
 
@@ -28,22 +29,6 @@ def _input_shaped_like(cap: LayerCapture, grad_output: torch.Tensor) -> torch.Te
         raise ValueError(f"GradNormScorer: {cap.label}: input {tuple(x.shape)} and gradient of "
                          f"output {tuple(grad_output.shape)} differ in shape")
     return x
-
-
-def _affine_sq_norms(cap: LayerCapture, x_hat: torch.Tensor, delta: torch.Tensor,
-                     reduce_dim: int) -> torch.Tensor:
-    """Per-example ||dW||^2 + ||db||^2 of an elementwise affine y = x_hat * w + b.
-
-    x_hat, delta: 3-D, (B, R, P) with reduce_dim=1 (parameter on the last dims, e.g. LayerNorm) or
-    (B, P, R) with reduce_dim=2 (parameter per channel, e.g. GroupNorm); R indexes the positions that
-    share one parameter element, P the parameter elements (flattened). Same dtype (accumulation).
-    """
-    total = delta.new_zeros(delta.shape[0])
-    if cap.is_trainable("weight"):
-        total += (delta * x_hat).sum(reduce_dim).square().sum(1)
-    if cap.is_trainable("bias"):
-        total += delta.sum(reduce_dim).square().sum(1)
-    return total
 
 
 # ---------------------------------------------------------------------------- LayerNorm / RMSNorm
@@ -83,8 +68,8 @@ def rms_norm_rule(cap: LayerCapture, grad_output: torch.Tensor, backend: str) ->
 def _channel_rule(cap: LayerCapture, grad_output: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor,
                   acc: torch.dtype) -> torch.Tensor:
     batch, channels = x.shape[0], x.shape[1]
-    return _affine_sq_norms(cap, x_hat.reshape(batch, channels, -1),
-                            grad_output.to(acc).reshape(batch, channels, -1), 2)
+    return affine_sq_norms(x_hat.reshape(batch, channels, -1), grad_output.to(acc).reshape(batch, channels, -1), 2,
+                           cap.is_trainable("weight"), cap.is_trainable("bias"))
 
 
 def _running_stats_x_hat(module: nn.Module, x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
